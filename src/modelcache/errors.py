@@ -1,0 +1,136 @@
+"""The exceptions modelcache raises.
+
+The hierarchy::
+
+    ModelCacheError
+    ├── SourceError            unreachable, not found, refused, bad URL or unknown scheme
+    ├── IntegrityError         hash or size mismatch
+    ├── NotCachedError         offline (or nothing cached) and the entry is missing
+    ├── LockTimeoutError       another writer held the entry's lock without progress (TimeoutError too)
+    ├── InsufficientSpaceError the cache's disk cannot hold the download
+    ├── LoadError              the loader or quantization failed (cause chained)
+    └── NotReadyError          get() timed out before READY (TimeoutError too)
+
+Every error carries the model name and the redacted source it is about, puts both in its
+message, and pickles (errors from background threads and worker processes cross boundaries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "InsufficientSpaceError",
+    "IntegrityError",
+    "LoadError",
+    "LockTimeoutError",
+    "ModelCacheError",
+    "NotCachedError",
+    "NotReadyError",
+    "SourceError",
+]
+
+
+class ModelCacheError(Exception):
+    """Base of every modelcache error.
+
+    Attributes:
+        reason: what went wrong, without the model and source.
+        model: the model's name, or ``None`` when the call had none (a bare ``Cache.fetch``).
+        source: the source, with credentials redacted.
+    """
+
+    def __init__(self, reason: str, *, model: str | None = None, source: str | None = None) -> None:
+        self.reason = reason
+        self.model = model
+        self.source = source
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        about = []
+        if self.model:
+            about.append(f"model {self.model!r}")
+        if self.source:
+            about.append(f"source {self.source}")
+        return f"{', '.join(about)}: {self.reason}" if about else self.reason
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.reason, self.model, self.source, self.__dict__))
+
+    def with_model(self, model: str | None) -> ModelCacheError:
+        """Name the model this error is about (used when a handle re-raises a cache error)."""
+        if model and not self.model:
+            self.model = model
+            self.args = (self._message(),)
+        return self
+
+
+def _rebuild(
+    cls: type[ModelCacheError],
+    reason: str,
+    model: str | None,
+    source: str | None,
+    state: dict[str, Any],
+) -> ModelCacheError:
+    error = cls.__new__(cls)
+    ModelCacheError.__init__(error, reason, model=model, source=source)
+    error.__dict__.update(state)
+    return error
+
+
+class SourceError(ModelCacheError):
+    """The source could not be read: unreachable, not found, refused, bad URL or unknown scheme.
+
+    ``attempts`` lists, for a chain of mirrors, each source tried and why it failed.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        model: str | None = None,
+        source: str | None = None,
+        status: int | None = None,
+        attempts: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.status = status
+        self.attempts = attempts or []
+        super().__init__(reason, model=model, source=source)
+
+    def _message(self) -> str:
+        message = super()._message()
+        if len(self.attempts) > 1:
+            tried = "".join(f"\n  - {src}: {why}" for src, why in self.attempts)
+            message += f"\ntried:{tried}"
+        return message
+
+
+class IntegrityError(ModelCacheError):
+    """The bytes are not the expected ones (sha256 or size mismatch); nothing was cached."""
+
+
+class NotCachedError(ModelCacheError):
+    """The entry is not in any cache layer and the network may not be used."""
+
+    def _message(self) -> str:
+        hint = f" (pre-load it with: modelcache fetch {self.source})" if self.source else ""
+        return super()._message() + hint
+
+
+class LockTimeoutError(ModelCacheError, TimeoutError):
+    """Another writer held the entry's lock and made no progress for too long."""
+
+
+class InsufficientSpaceError(ModelCacheError, OSError):
+    """The cache's filesystem has too little free space for the download."""
+
+
+class LoadError(ModelCacheError):
+    """The loader or the quantization failed; the cause is chained."""
+
+
+class NotReadyError(ModelCacheError, TimeoutError):
+    """The model did not become READY within the timeout."""

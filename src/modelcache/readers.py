@@ -1,0 +1,270 @@
+"""Readers: open byte ranges of one remote file, over HTTP(S) or any fsspec filesystem.
+
+HTTP(S) goes through urllib3 directly rather than fsspec's aiohttp-based ``HTTPFileSystem``:
+measured on 127.0.0.1 (see ``docs/benchmarks.md``), ``fsspec.get`` streams at about a quarter
+of a plain urllib3/requests loop, and the engine needs several keep-alive connections issuing
+ranged requests from worker threads, which urllib3's thread-safe pool gives directly.
+Every other protocol (s3, gs, hf, ...) goes through fsspec.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import urllib.request
+from collections.abc import Iterator, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ._version import __version__
+from .sources import Source
+from .transfer import FatalError, RangeStream, Reader, TransferOptions, TransientError
+
+__all__ = ["FsspecReader", "HTTPReader", "open_reader"]
+
+_RETRY_STATUS = {408, 425, 429}
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+_pools: dict[tuple[str | None, float, float, int], Any] = {}
+_pools_lock = threading.Lock()
+
+
+def open_reader(source: Source, options: TransferOptions) -> Reader:
+    """The reader for ``source``: HTTP(S) through urllib3, anything else through fsspec."""
+    if source.protocol in ("http", "https"):
+        return HTTPReader(source, options)
+    from .filesystems import open_filesystem
+
+    fs, path = open_filesystem(source)
+    return FsspecReader(fs, path)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        import time
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _pool(proxy: str | None, options: TransferOptions) -> Any:
+    import urllib3
+
+    key = (proxy, options.connect_timeout, options.stall_timeout, options.connections)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            timeout = urllib3.Timeout(connect=options.connect_timeout, read=options.stall_timeout)
+            retries = urllib3.Retry(
+                total=None, connect=0, read=0, status=0, other=0, redirect=10,
+                raise_on_redirect=True, raise_on_status=False,
+            )
+            kwargs: dict[str, Any] = {
+                "maxsize": max(4, options.connections),
+                "timeout": timeout,
+                "retries": retries,
+                "block": False,
+            }
+            pool = urllib3.ProxyManager(proxy, **kwargs) if proxy else urllib3.PoolManager(**kwargs)
+            _pools[key] = pool
+        return pool
+
+
+def _proxy_for(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
+class HTTPReader(Reader):
+    """Ranged GETs with keep-alive connections shared by the process's worker threads."""
+
+    def __init__(self, source: Source, options: TransferOptions) -> None:
+        parts = urlsplit(source.url)
+        self._source = source
+        self._headers: dict[str, str] = {
+            "User-Agent": f"modelcache/{__version__}",
+            "Accept-Encoding": "identity",
+        }
+        self._headers.update(_string_map(source.storage_options.get("headers")))
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        if parts.username is not None:
+            from urllib.parse import unquote
+
+            user = unquote(parts.username)
+            password = unquote(parts.password or "")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self._headers.setdefault("Authorization", f"Basic {token}")
+        self._url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        self._pool = _pool(_proxy_for(self._url), options)
+
+    def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+        import urllib3
+
+        headers = dict(self._headers)
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+            if etag and not etag.startswith("W/"):
+                headers["If-Range"] = etag
+        try:
+            response = self._pool.request(
+                "GET", self._url, headers=headers, preload_content=False, decode_content=False
+            )
+        except urllib3.exceptions.SSLError as error:
+            raise FatalError(f"TLS error: {self._source.scrub(str(error))}") from None
+        except urllib3.exceptions.LocationValueError as error:
+            raise FatalError(f"bad URL: {self._source.scrub(str(error))}") from None
+        except urllib3.exceptions.MaxRetryError as error:
+            reason = error.reason if error.reason is not None else error
+            if isinstance(reason, urllib3.exceptions.SSLError):
+                raise FatalError(f"TLS error: {self._source.scrub(str(reason))}") from None
+            raise TransientError(self._describe(reason)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise TransientError(self._describe(error)) from None
+        return self._stream(response, start)
+
+    def _describe(self, error: BaseException) -> str:
+        return self._source.scrub(f"{type(error).__name__}: {error}")
+
+    def _stream(self, response: Any, start: int) -> RangeStream:
+        status = response.status
+        etag = response.headers.get("ETag")
+        if status == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if not match:
+                _discard(response)
+                raise FatalError("the origin sent a partial answer without a Content-Range")
+            size = None if match.group(3) == "*" else int(match.group(3))
+            return RangeStream(
+                self._pieces(response), int(match.group(1)), size, etag, True,
+                close=lambda: _discard(response),
+            )
+        if status == 200:
+            length = response.headers.get("Content-Length")
+            size = int(length) if length and length.isdigit() else None
+            return RangeStream(
+                self._pieces(response), 0, size, etag, False, close=lambda: _discard(response)
+            )
+        if status == 416:
+            match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
+            _discard(response)
+            if match and int(match.group(1)) == start:
+                return RangeStream(iter(()), start, start, etag, True)
+            raise TransientError("HTTP 416: the requested range is past the file's end")
+        retry_after = _retry_after(response.headers.get("Retry-After"))
+        _discard(response)
+        if status in _RETRY_STATUS or status >= 500:
+            raise TransientError(f"HTTP {status}", retry_after)
+        if status in (401, 403):
+            raise FatalError(f"refused (HTTP {status}): check the credentials", status)
+        if status in (404, 410):
+            raise FatalError(f"not found (HTTP {status})", status)
+        raise FatalError(f"unexpected HTTP {status}", status)
+
+    def _pieces(self, response: Any) -> Iterator[bytes]:
+        import urllib3
+
+        piece = 1 << 20
+        try:
+            while True:
+                data = response.read(piece, decode_content=False)
+                if not data:
+                    return
+                yield data
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise TransientError(self._describe(error)) from None
+
+
+def _discard(response: Any) -> None:
+    """Give the connection back when the body was read, else close it (never drain gigabytes)."""
+    try:
+        if not response.isclosed() and response.length_remaining:
+            response.close()
+    finally:
+        response.release_conn()
+
+
+def _string_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+class FsspecReader(Reader):
+    """Ranged reads through an fsspec filesystem's file objects (s3fs, gcsfs, hf, ...)."""
+
+    def __init__(self, fs: Any, path: str, *, chunk_size: int | None = None) -> None:
+        self._fs = fs
+        self._path = path
+        self.chunk_size = chunk_size
+        self._info: dict[str, Any] | None = None
+
+    def info(self) -> dict[str, Any]:
+        """The filesystem's ``info()`` of the file, asked once."""
+        if self._info is None:
+            self._info = _call(self._fs.info, self._path)
+        return self._info
+
+    def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+        info = self.info()
+        size = int(info["size"]) if info.get("size") is not None else None
+        current = _etag_of(info)
+        if etag is not None and current is not None and current != etag:
+            start = 0
+        stop = size if end is None else (end if size is None else min(end, size))
+        return RangeStream(self._pieces(start, stop), start, size, current, True)
+
+    def _pieces(self, start: int, stop: int | None) -> Iterator[bytes]:
+        piece = 1 << 20
+        position = start
+        handle = _call(self._fs.open, self._path, "rb", block_size=piece, cache_type="none")
+        try:
+            _call(handle.seek, start)
+            while stop is None or position < stop:
+                want = piece if stop is None else min(piece, stop - position)
+                data = _call(handle.read, want)
+                if not data:
+                    return
+                position += len(data)
+                yield data
+        finally:
+            try:
+                handle.close()
+            except Exception:  # closing a read-only handle cannot lose data
+                pass
+
+
+def _etag_of(info: Mapping[str, Any]) -> str | None:
+    for name in ("ETag", "etag", "md5Hash", "generation", "blob_id", "lfs_sha256"):
+        value = info.get(name)
+        if value:
+            return str(value)
+    return None
+
+
+def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a filesystem call, sorting its failures into fatal and transient."""
+    try:
+        return function(*args, **kwargs)
+    except FileNotFoundError as error:
+        raise FatalError(f"not found: {error}", 404) from None
+    except PermissionError as error:
+        raise FatalError(f"refused: {error}", 403) from None
+    except (TransientError, FatalError):
+        raise
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise FatalError(f"{type(error).__name__}: {error}") from None
+    except Exception as error:
+        raise TransientError(f"{type(error).__name__}: {error}") from None
