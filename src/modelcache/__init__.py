@@ -21,6 +21,8 @@ from .errors import (
     NotReadyError,
     SourceError,
 )
+from .handle import ModelHandle, State, Strategy
+from .registry import Registry
 from .transfer import TransferOptions
 
 __all__ = [
@@ -31,9 +33,13 @@ __all__ = [
     "LoadError",
     "LockTimeoutError",
     "ModelCacheError",
+    "ModelHandle",
     "NotCachedError",
     "NotReadyError",
+    "Registry",
     "SourceError",
+    "State",
+    "Strategy",
     "TransferOptions",
     "__version__",
 ]

@@ -228,12 +228,18 @@ class Cache:
         progress: Progress | None = None,
         model: str | None = None,
         cancel: threading.Event | None = None,
+        refresh: bool = False,
     ) -> Fetched:
-        """Like :meth:`fetch`, also telling whether it was a cache hit."""
+        """Like :meth:`fetch`, also telling whether it was a cache hit.
+
+        ``refresh=True`` downloads a source given without sha256 again even when cached (a
+        file that changed at its origin under the same URL) and replaces the entry.
+        """
         sources = parse_sources(source, storage_options)
         digest = normalize_sha256(sha256)
+        refresh = refresh and digest is None
         for src in sources:
-            if not src.is_local:
+            if not src.is_local and not refresh:
                 hit = self._lookup(self._key(src, digest), src)
                 if hit is not None:
                     return hit
@@ -248,7 +254,7 @@ class Cache:
                         "not in the cache and offline mode is on", model=model, source=src.redacted
                     )
                 with self._progress_bar(src, progress) as report:
-                    return self._download(src, digest, report, model, cancel)
+                    return self._download(src, digest, report, model, cancel, refresh)
             except (SourceError, IntegrityError, NotCachedError) as error:
                 attempts.append((src.redacted, error.reason))
                 errors.append(error)
@@ -413,6 +419,7 @@ class Cache:
         progress: Progress,
         model: str | None,
         cancel: threading.Event | None,
+        refresh: bool = False,
     ) -> Fetched:
         from filelock import FileLock
 
@@ -423,11 +430,11 @@ class Cache:
         except OSError as error:
             raise ModelCacheError(f"cannot write the cache at {self.path}: {error}",
                                   model=model, source=source.redacted) from None
-        hit = self._wait_for_lock(lock, key, source, model)
+        hit = self._wait_for_lock(lock, key, source, model, refresh)
         if hit is not None:
             return hit
         try:
-            hit = self._lookup(key, source)
+            hit = None if refresh else self._lookup(key, source)
             if hit is not None:
                 return hit
             part = self._claim_part(tmp, key)
@@ -444,7 +451,8 @@ class Cache:
             log.info("downloaded %s (%d bytes, %d fetched) in %.2fs", source.redacted,
                      result.size, result.fetched, elapsed)
             files = [{"path": source.name, "size": result.size, "sha256": result.sha256}]
-            return self._publish(key, source, {source.name: part}, files, result.etag, "file")
+            return self._publish(key, source, {source.name: part}, files, result.etag, "file",
+                                 replace=refresh)
         finally:
             lock.release()
 
@@ -486,7 +494,7 @@ class Cache:
             reader.close()
 
     def _wait_for_lock(
-        self, lock: Any, key: str, source: Source, model: str | None
+        self, lock: Any, key: str, source: Source, model: str | None, refresh: bool = False
     ) -> Fetched | None:
         """Take the entry's lock, or return the entry if another writer publishes it meanwhile.
 
@@ -503,7 +511,7 @@ class Cache:
                 return None
             except Timeout:
                 pass
-            hit = self._lookup(key, source)
+            hit = None if refresh else self._lookup(key, source)
             if hit is not None:
                 return hit
             activity = self._writer_activity(key)
@@ -561,6 +569,8 @@ class Cache:
         files: list[dict[str, Any]],
         etag: str | None,
         kind: str,
+        *,
+        replace: bool = False,
     ) -> Fetched:
         """Move finished parts into a staging directory, write metadata, rename it into place."""
         staging = self._dir(".tmp") / f"{key}.{_unique()}.d"
@@ -592,7 +602,7 @@ class Cache:
         }
         _write_meta(staging, meta)
         final = self.path / key
-        if final.exists() and _read_meta(final) is None:
+        if final.exists() and (replace or _read_meta(final) is None):
             self._quarantine(final)  # a broken leftover, not a published entry
         try:
             os.rename(staging, final)
