@@ -10,11 +10,16 @@ The strategies differ only in when the work starts: ``eager`` in :meth:`ModelHan
 (blocking, raising), ``lazy`` on the first :meth:`ModelHandle.get`, ``background`` in a daemon
 thread started by :meth:`ModelHandle.start`. The work itself always runs in one worker thread
 per attempt, so any number of threads and coroutines asking at once cause one fetch and one load.
+
+:meth:`ModelHandle.reload` runs a second, independent job beside the serving model and swaps
+the result in under the lock, so ``get()`` never waits for it and never sees half of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import enum
 import gc
 import logging
@@ -23,12 +28,12 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import config
-from .cache import Cache, Fetched
+from .cache import Cache, Fetched, normalize_sha256
 from .errors import LoadError, ModelCacheError, NotReadyError
 from .sources import Source, SourceLike, parse_sources
 
@@ -36,7 +41,7 @@ __all__ = ["ModelHandle", "State", "Strategy"]
 
 log = logging.getLogger("modelcache")
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class State(enum.Enum):
@@ -73,21 +78,60 @@ _QUANTIZE_METHODS = ("int8",)
 
 
 def _parse_quantize(value: str | None, origin: str) -> str | None:
-    if value is None or str(value).lower() == "none":
+    if value is None or str(value).strip().lower() == "none":
         return None
-    method = str(value).lower()
+    method = str(value).strip().lower()
     if method not in _QUANTIZE_METHODS:
         raise ValueError(f"{origin}: unknown quantize {value!r}; expected None or 'int8'")
     return method
 
 
+def _empty_timings() -> dict[str, float | None]:
+    return {"fetch_s": None, "load_s": None, "quantize_s": None, "warmup_s": None}
+
+
 @dataclass
 class _Attempt:
-    """One fetch-and-load run; waiters are told when it ends."""
+    """One fetch-and-load run of the state machine; waiters are told when it ends."""
 
     generation: int
+    cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     done: bool = False
+
+
+@dataclass
+class _Reload:
+    """One reload job: loads beside the serving model, reported under ``status()["reload"]``."""
+
+    sources: list[Source]
+    sha256: str | None
+    refresh: bool
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    state: str = "fetching"
+    error: str | None = None
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    timings: dict[str, float | None] = field(default_factory=_empty_timings)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("ready", "failed", "cancelled")
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "source": self.sources[0].redacted,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "timings": dict(self.timings),
+            "error": self.error,
+            "started": self.started,
+            "finished": self.finished,
+        }
 
 
 class ModelHandle:
@@ -98,7 +142,11 @@ class ModelHandle:
     """
 
     retry_interval: float = 1.0
-    """Seconds after a failure during which ``get()`` raises the same error instead of retrying."""
+    """Seconds after a failure during which ``get()`` raises the same error instead of retrying
+    (so a broken origin is not hammered by every request). Set it per handle or on the class."""
+
+    close_timeout: float = 30.0
+    """Seconds :meth:`close` waits for a worker thread (a loader cannot be interrupted)."""
 
     def __init__(
         self,
@@ -116,16 +164,16 @@ class ModelHandle:
         idle_unload: float | None = None,
         device: str = "cpu",
     ) -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(
-                f"model name must be 1-64 characters of [A-Za-z0-9._-], got {name!r}"
-            )
-        if idle_unload is not None and idle_unload <= 0:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"model name must be 1-64 characters of [A-Za-z0-9._-], got {name!r}")
+        if idle_unload is not None and not idle_unload > 0:
             raise ValueError(f"{name}: idle_unload must be a positive number of seconds")
-        from .cache import normalize_sha256
+        if loader is not None and not callable(loader):
+            raise TypeError(f"{name}: loader must be callable, got {type(loader).__name__}")
+        if warmup is not None and not callable(warmup):
+            raise TypeError(f"{name}: warmup must be callable, got {type(warmup).__name__}")
 
         self.name = name
-        self._raw_source = source
         self._sources = parse_sources(source, storage_options)
         self._sha256 = normalize_sha256(sha256)
         self._storage_options = storage_options
@@ -147,20 +195,17 @@ class ModelHandle:
         self._attempt: _Attempt | None = None
         self._async_waiters: list[Callable[[], None]] = []
         self._closed = threading.Event()
-        self._cancel = threading.Event()
         self._bytes_done = 0
         self._bytes_total: int | None = None
         self._cache_hit: bool | None = None
         self._path: Path | None = None
         self._loaded_sha256: str | None = None
-        self._timings: dict[str, float | None] = {}
+        self._timings = _empty_timings()
         self._extra: dict[str, Any] = {}
         self._last_used = time.monotonic()
         self._idle_thread: threading.Thread | None = None
-        self._reload: dict[str, Any] | None = None
-        self._reload_thread: threading.Thread | None = None
+        self._reload: _Reload | None = None
         self._bytes_freed: int | None = None
-        self._reset_progress()
 
     def __repr__(self) -> str:
         return f"<ModelHandle {self.name!r} {self.state.value} source={self.source!r}>"
@@ -183,7 +228,7 @@ class ModelHandle:
 
     @property
     def cache(self) -> Cache:
-        """The cache this handle fetches into."""
+        """The cache this handle fetches into (the default one is resolved when used)."""
         if isinstance(self._cache_arg, Cache):
             return self._cache_arg
         if self._cache_arg is None:
@@ -218,7 +263,8 @@ class ModelHandle:
     # -- starting and getting -----------------------------------------------------------------
 
     def start(self) -> None:
-        """eager: fetch and load now (blocking, raising); background: start a thread; lazy: nothing."""
+        """Start as the strategy says: eager loads now (blocking, raising), background starts a
+        daemon thread and returns at once, lazy does nothing (the first ``get()`` loads)."""
         strategy = self.strategy
         if strategy is Strategy.LAZY:
             return
@@ -228,11 +274,13 @@ class ModelHandle:
         self.get()
 
     def begin_loading(self) -> None:
-        """Start fetching and loading in the background unless done or under way; returns at once."""
+        """Start fetching and loading in the background unless done or under way; returns at once.
+
+        Unlike ``get()``, this retries at once after a failure (it is an explicit request).
+        """
         with self._cond:
-            if self._state is State.READY:
-                return
-            self._begin(retry_now=True)
+            if self._state is not State.READY:
+                self._begin(retry_now=True)
 
     def get(self, timeout: float | None = None) -> Any:
         """The loaded model; the first call (or the first after a failure) starts the work.
@@ -243,66 +291,83 @@ class ModelHandle:
         with self._cond:
             while True:
                 if self._state is State.READY:
-                    self._touch()
+                    self._last_used = time.monotonic()
                     return self._model
                 attempt = self._begin(retry_now=False)
                 if attempt is None:
-                    assert self._error is not None
-                    raise self._error
+                    raise self._raisable()
                 while not attempt.done:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise self._not_ready(timeout)
                     self._cond.wait(remaining)
                 if self._state is State.FAILED and self._attempt is attempt:
-                    assert self._error is not None
-                    raise self._error
+                    raise self._raisable()
 
     async def aget(self, timeout: float | None = None) -> Any:
         """:meth:`get` for coroutines: waits without blocking the event loop."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            future: asyncio.Future[None] = loop.create_future()
+
+            def wake(future: asyncio.Future[None] = future) -> None:
+                loop.call_soon_threadsafe(_resolve, future)
+
             with self._cond:
                 if self._state is State.READY:
-                    self._touch()
+                    self._last_used = time.monotonic()
                     return self._model
                 attempt = self._begin(retry_now=False)
                 if attempt is None:
-                    assert self._error is not None
-                    raise self._error
-                if not attempt.done:
-                    future: asyncio.Future[None] = loop.create_future()
-
-                    def wake(future: asyncio.Future[None] = future) -> None:
-                        loop.call_soon_threadsafe(_resolve, future)
-
-                    self._async_waiters.append(wake)
-                else:
-                    future = loop.create_future()
+                    raise self._raisable()
+                if attempt.done:
                     future.set_result(None)
-            remaining = None if deadline is None else deadline - loop.time()
+                else:
+                    self._async_waiters.append(wake)
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
                 await asyncio.wait_for(future, remaining)
             except asyncio.TimeoutError:
                 raise self._not_ready(timeout) from None
+            finally:
+                with self._cond:
+                    if wake in self._async_waiters:
+                        self._async_waiters.remove(wake)
             with self._cond:
                 if self._state is State.FAILED and self._attempt is attempt:
-                    assert self._error is not None
-                    raise self._error
+                    raise self._raisable()
 
     def fetch(self) -> Path:
         """Make sure the file(s) are in the cache and return the local ``Path``; loads nothing."""
-        return self._fetch(self._sources, self._sha256).path
+        with self._cond:
+            sources, sha256 = self._sources, self._sha256
+        return self._fetch(sources, sha256).path
 
     def _not_ready(self, timeout: float | None) -> NotReadyError:
+        with self._cond:
+            state, done, total = self._state, self._bytes_done, self._bytes_total
+        progress = f", {_human(done)} of {_human(total)}" if state is State.FETCHING else ""
         return NotReadyError(
-            f"not ready after {timeout}s (state: {self._state.value})",
-            model=self.name, source=self.source,
+            f"not ready after {timeout}s (state: {state.value}{progress})",
+            model=self.name,
+            source=self.source,
         )
 
-    def _touch(self) -> None:
-        self._last_used = time.monotonic()
+    def _raisable(self) -> BaseException:
+        """A copy of the last error to raise in the caller (the original keeps its traceback).
+
+        Raising one exception object from many threads would grow its traceback each time.
+        """
+        error = self._error
+        assert error is not None
+        try:
+            clone = copy.copy(error)
+        except Exception:
+            return error
+        clone.__cause__, clone.__context__ = error.__cause__, error.__context__
+        clone.__suppress_context__ = error.__suppress_context__
+        return clone.with_traceback(error.__traceback__)
 
     def _begin(self, *, retry_now: bool) -> _Attempt | None:
         """The attempt to wait for, starting one if none runs; ``None``: raise the last error.
@@ -318,87 +383,124 @@ class ModelHandle:
             and time.monotonic() - self._failed_at < self.retry_interval
         ):
             return None
-        if self._closed.is_set():
-            self._closed.clear()
-            self._cancel.clear()
+        self._closed.clear()
         self._generation += 1
         attempt = _Attempt(self._generation)
         self._attempt = attempt
         self._state = State.FETCHING
         self._error = None
-        self._reset_progress()
+        self._bytes_done, self._bytes_total, self._cache_hit = 0, None, None
+        self._timings = _empty_timings()
         thread = threading.Thread(
-            target=self._run, args=(attempt,), name=f"modelcache-{self.name}", daemon=True
+            target=self._run, args=(attempt,), name=f"modelcache-load-{self.name}", daemon=True
         )
         attempt.thread = thread
         thread.start()
         return attempt
 
-    def _reset_progress(self) -> None:
-        self._bytes_done = 0
-        self._bytes_total = None
-        self._cache_hit = None
-        self._timings = {"fetch_s": None, "load_s": None, "quantize_s": None, "warmup_s": None}
-
     # -- the work -----------------------------------------------------------------------------
 
-    def _on_progress(self, done: int, total: int | None) -> None:
-        self._bytes_done = done
-        self._bytes_total = total
-
-    def _fetch(self, sources: Sequence[Source], sha256: str | None, refresh: bool = False) -> Fetched:
+    def _fetch(
+        self,
+        sources: Sequence[Source],
+        sha256: str | None,
+        *,
+        refresh: bool = False,
+        progress: Callable[[int, int | None], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Fetched:
         try:
             return self.cache.fetch_details(
-                [s.url for s in sources], sha256, self._storage_options,
-                progress=self._on_progress, model=self.name, cancel=self._cancel,
+                [s.url for s in sources],
+                sha256,
+                self._storage_options,
+                progress=progress,
+                model=self.name,
+                cancel=cancel,
                 refresh=refresh,
             )
         except ModelCacheError as error:
             raise error.with_model(self.name) from None
 
     def _run(self, attempt: _Attempt) -> None:
+        """One attempt, in its own thread: fetch, load, quantize, warm up; then READY or FAILED."""
         model: Any = None
+        fetched: Fetched | None = None
         error: BaseException | None = None
         timings: dict[str, float | None] = {}
-        fetched: Fetched | None = None
+        with self._cond:
+            sources, sha256 = self._sources, self._sha256
+
+        def progress(done: int, total: int | None) -> None:
+            if self._attempt is attempt:
+                self._bytes_done, self._bytes_total = done, total
+
         try:
             started = time.monotonic()
-            fetched = self._fetch(self._sources, self._sha256)
+            fetched = self._fetch(sources, sha256, progress=progress, cancel=attempt.cancel)
             timings["fetch_s"] = round(time.monotonic() - started, 4)
             with self._cond:
-                if self._attempt is attempt:
-                    self._state = State.LOADING
-                    self._cache_hit = fetched.cache_hit
-                    self._bytes_total = fetched.size
-                    self._bytes_done = fetched.size or 0
-                    self._timings.update(timings)
-            model = self._load(fetched, timings, self._sources[0])
-        except ModelCacheError as failure:
-            error = failure
-        except Exception as failure:  # a bug outside the loader: still a clear LoadError
-            error = LoadError(f"{type(failure).__name__}: {failure}", model=self.name,
-                              source=self.source)
-            error.__cause__ = failure
+                if self._attempt is not attempt:
+                    return  # unloaded or closed while fetching: do not load
+                self._state = State.LOADING
+                self._cache_hit = fetched.cache_hit
+                self._bytes_total = fetched.size
+                self._bytes_done = fetched.size or 0
+                self._timings.update(timings)
+            model = self._load(fetched, timings, sources[0])
+        except Exception as failure:
+            error = self._as_error(failure, sources[0])
+        except BaseException as failure:  # SystemExit or the like in this thread: still end
+            error = LoadError(
+                f"interrupted: {type(failure).__name__}",
+                model=self.name,
+                source=sources[0].redacted,
+            )
+            raise
+        finally:
+            self._finish(attempt, model, fetched, timings, error)
+
+    def _finish(
+        self,
+        attempt: _Attempt,
+        model: Any,
+        fetched: Fetched | None,
+        timings: dict[str, float | None],
+        error: BaseException | None,
+    ) -> None:
         with self._cond:
+            attempt.done = True
             if self._attempt is not attempt:
                 return  # unloaded or closed while working: drop the result
-            attempt.done = True
             self._timings.update(timings)
-            if error is None:
+            if error is None and fetched is not None:
                 self._model = model
-                self._path = fetched.path if fetched else None
-                self._loaded_sha256 = fetched.sha256 if fetched else None
+                self._path = fetched.path
+                self._loaded_sha256 = fetched.sha256
                 self._state = State.READY
                 self._last_used = time.monotonic()
-                log.info("model %s ready (%s)", self.name, _describe_timings(self._timings))
+                log.info("model %s ready (%s)", self.name, _describe(self._timings))
             else:
                 self._state = State.FAILED
-                self._error = error
+                self._error = error or LoadError(
+                    "the attempt ended without a result", model=self.name, source=self.source
+                )
                 self._failed_at = time.monotonic()
-                log.warning("model %s failed: %s", self.name, error)
+                log.warning("model %s failed: %s", self.name, self._scrub(str(self._error)))
             self._notify()
         if error is None and self.idle_unload:
             self._start_idle_watch()
+
+    def _as_error(self, failure: Exception, source: Source) -> ModelCacheError:
+        if isinstance(failure, ModelCacheError):
+            return failure.with_model(self.name)
+        error = LoadError(
+            f"{type(failure).__name__}: {source.scrub(str(failure))}",
+            model=self.name,
+            source=source.redacted,
+        )
+        error.__cause__ = failure
+        return error
 
     def _load(self, fetched: Fetched, timings: dict[str, float | None], source: Source) -> Any:
         """Load, quantize and warm up the model at ``fetched.path``; fills ``timings``."""
@@ -415,8 +517,11 @@ class ModelHandle:
             try:
                 self.warmup(model)
             except Exception as error:
-                raise LoadError(f"warmup failed: {type(error).__name__}: {error}",
-                                model=self.name, source=source.redacted) from error
+                raise LoadError(
+                    f"warmup failed: {type(error).__name__}: {source.scrub(str(error))}",
+                    model=self.name,
+                    source=source.redacted,
+                ) from error
             timings["warmup_s"] = round(time.monotonic() - started, 4)
         return model
 
@@ -427,26 +532,39 @@ class ModelHandle:
             if self.loader is not None:
                 return self.loader(path)
             return default_loader(path, self.device)
-        except ModelCacheError:
-            raise
         except Exception as error:
-            raise LoadError(f"loading {path.name} failed: {type(error).__name__}: {error}",
-                            model=self.name, source=source.redacted) from error
+            if isinstance(error, ModelCacheError) and error.model and error.source:
+                raise
+            reason = error.reason if isinstance(error, ModelCacheError) else str(error)
+            raise LoadError(
+                f"loading {path.name} failed: {type(error).__name__}: {source.scrub(reason)}",
+                model=self.name,
+                source=source.redacted,
+            ) from error
 
     def _apply_quantization(self, model: Any, method: str, fetched: Fetched, source: Source) -> Any:
-        from .quantize import quantize_model
-
         try:
+            from .quantize import quantize_model
+
             quantized, info = quantize_model(
-                model, method, name=self.name, source=source.redacted, cache=self.cache,
+                model,
+                method,
+                name=self.name,
+                source=source.redacted,
+                cache=self.cache,
                 source_sha256=fetched.sha256,
+                path=fetched.path,
             )
         except ModelCacheError:
             raise
         except Exception as error:
-            raise LoadError(f"{method} quantization failed: {type(error).__name__}: {error}",
-                            model=self.name, source=source.redacted) from error
-        self._extra["quantization"] = info
+            raise LoadError(
+                f"{method} quantization failed: {type(error).__name__}: {error}",
+                model=self.name,
+                source=source.redacted,
+            ) from error
+        with self._cond:
+            self._extra["quantization"] = info
         return quantized
 
     def _notify(self) -> None:
@@ -454,32 +572,53 @@ class ModelHandle:
         self._cond.notify_all()
         waiters, self._async_waiters = self._async_waiters, []
         for wake in waiters:
-            try:
+            with contextlib.suppress(RuntimeError):  # the waiter's event loop is closed
                 wake()
-            except RuntimeError:  # the waiter's event loop is closed
-                pass
 
-    # -- unloading, idle, reload --------------------------------------------------------------
+    # -- unloading and idle -------------------------------------------------------------------
 
     def unload(self) -> None:
-        """Drop the loaded object (memory is freed once callers drop theirs); a later get() loads again."""
+        """Drop the loaded object; a later ``get()`` loads again.
+
+        Memory is freed once callers drop their references too: the handle collects garbage
+        and hands freed heap back to the OS (``malloc_trim``), and reports the resident bytes
+        released as ``status()["bytes_freed"]``. A fetch or load under way is abandoned.
+        """
+        self._unload(idle_for=None)
+
+    def _unload(self, idle_for: float | None) -> bool:
         with self._cond:
-            had_model = self._model is not None
-            self._model = None
-            if self._attempt is not None and not self._attempt.done:
-                self._attempt.done = True  # the running attempt's result will be dropped
+            if idle_for is not None and (
+                self._state is not State.READY or time.monotonic() - self._last_used < idle_for
+            ):
+                return False
+            model, self._model = self._model, None
+            attempt = self._attempt
+            if attempt is not None and not attempt.done:
+                attempt.cancel.set()
+                attempt.done = True  # its result will be dropped; waiters start again
                 self._attempt = None
                 self._notify()
-            if self._state is not State.NOT_LOADED or had_model:
+            if self._state is not State.NOT_LOADED or model is not None:
                 self._state = State.UNLOADED
-            path = self._path
-        if had_model:
-            self._bytes_freed = _free_memory()
-            log.info("model %s unloaded (%s freed)", self.name, _human(self._bytes_freed))
+            self._error = None
+            path, self._path = self._path, None
+            before = _rss() if model is not None else None
+        if model is not None:
+            del model
+            freed = _free_memory(before)
+            with self._cond:
+                self._bytes_freed = freed
+            log.info("model %s unloaded (%s freed)", self.name, _human(freed))
         if path is not None:
-            cache = self.cache
-            if path.parent.parent == cache.path:
-                cache.release(path.parent.name)
+            self._release(path)
+        return True
+
+    def _release(self, path: Path) -> None:
+        """Let the cache evict the entry at ``path`` again (this handle no longer maps it)."""
+        cache = self.cache
+        if path.parent.parent == cache.path:
+            cache.release(path.parent.name)
 
     def _start_idle_watch(self) -> None:
         with self._cond:
@@ -491,92 +630,166 @@ class ModelHandle:
             self._idle_thread.start()
 
     def _idle_watch(self) -> None:
-        assert self.idle_unload is not None
-        interval = min(1.0, self.idle_unload / 4)
+        """Unload once no ``get()`` came for ``idle_unload`` seconds; ends when not READY."""
+        idle_unload = self.idle_unload
+        assert idle_unload is not None
+        interval = min(1.0, idle_unload / 4)
         while not self._closed.wait(interval):
             with self._cond:
                 if self._state is not State.READY:
                     return
-                idle = time.monotonic() - self._last_used
-                if idle < self.idle_unload:
-                    continue
-            log.info("model %s idle for %.0fs: unloading", self.name, idle)
-            self.unload()
-            return
+            if self._unload(idle_for=idle_unload):
+                log.info("model %s was idle for %.1fs: unloaded", self.name, idle_unload)
+                return
 
-    def reload(self, source: SourceLike | Sequence[SourceLike] | None = None,
-               sha256: str | None = None) -> None:
+    # -- reload -------------------------------------------------------------------------------
+
+    def reload(
+        self,
+        source: SourceLike | Sequence[SourceLike] | None = None,
+        sha256: str | None = None,
+    ) -> None:
         """Load a new version beside the current one and swap atomically once it is READY.
 
-        ``get()`` keeps returning the current object meanwhile. If the new version fails, the
-        current one keeps serving and the error shows in ``status()``. Returns at once.
+        ``get()`` keeps returning the current object meanwhile and never waits. If the new
+        version fails, the current one keeps serving and the error shows in ``status()``.
+        Without arguments the same source is fetched again (a file given without ``sha256``
+        is downloaded anew, for a URL whose content changed). A newer ``reload()`` supersedes
+        one still under way. When nothing is loaded yet, this starts an ordinary load.
+        Returns at once.
         """
-        from .cache import normalize_sha256
-
         sources = parse_sources(source, self._storage_options) if source is not None else None
         digest = normalize_sha256(sha256)
         with self._cond:
             if self._state is not State.READY:
-                if sources is not None:
-                    self._sources = sources
-                    self._sha256 = digest
+                self._reconfigure(sources, digest)
                 self._begin(retry_now=True)
                 return
-            if self._reload_thread is not None and self._reload_thread.is_alive():
-                raise RuntimeError(f"{self.name}: a reload is already under way")
-            self._reload = {"state": "fetching", "source": (sources or self._sources)[0].redacted,
-                            "error": None, "started": time.time()}
-            thread = threading.Thread(
-                target=self._run_reload,
-                args=(sources or self._sources, digest if sources else (digest or self._sha256),
-                      sources is None and digest is None),
-                name=f"modelcache-reload-{self.name}", daemon=True,
+            previous = self._reload
+            if previous is not None and not previous.done:
+                previous.cancel.set()
+                previous.state, previous.finished = "cancelled", time.time()
+            job = _Reload(
+                sources=sources or list(self._sources),
+                sha256=digest if (sources is not None or digest is not None) else self._sha256,
+                refresh=sources is None and digest is None,
             )
-            self._reload_thread = thread
-            thread.start()
+            job.thread = threading.Thread(
+                target=self._run_reload,
+                args=(job,),
+                name=f"modelcache-reload-{self.name}",
+                daemon=True,
+            )
+            self._reload = job
+            job.thread.start()
 
-    def _run_reload(self, sources: list[Source], sha256: str | None, refresh: bool) -> None:
-        assert self._reload is not None
-        report = self._reload
+    def _reconfigure(self, sources: list[Source] | None, digest: str | None) -> None:
+        """Use new sources/sha256 for the next attempt, abandoning one that runs with the old."""
+        if sources is None and digest is None:
+            return
+        self._sources = sources or self._sources
+        self._sha256 = digest
+        attempt = self._attempt
+        if attempt is not None and not attempt.done:
+            attempt.cancel.set()
+            attempt.done = True
+            self._attempt = None
+            self._notify()
+
+    def _run_reload(self, job: _Reload) -> None:
+        def progress(done: int, total: int | None) -> None:
+            job.bytes_done, job.bytes_total = done, total
+
         timings: dict[str, float | None] = {}
         try:
             started = time.monotonic()
-            fetched = self._fetch(sources, sha256, refresh=refresh)
+            fetched = self._fetch(
+                job.sources, job.sha256, refresh=job.refresh, progress=progress, cancel=job.cancel
+            )
             timings["fetch_s"] = round(time.monotonic() - started, 4)
-            report["state"] = "loading"
-            model = self._load(fetched, timings, sources[0])
-        except Exception as error:
-            report.update(state="failed", error=str(error), finished=time.time())
-            log.warning("model %s: reload failed, still serving the current version: %s",
-                        self.name, error)
+            with self._cond:
+                if job.cancel.is_set():
+                    return
+                job.state = "loading"
+                job.bytes_total = fetched.size
+                job.bytes_done = fetched.size or 0
+                job.timings.update(timings)
+            model = self._load(fetched, timings, job.sources[0])
+        except Exception as failure:
+            error = self._as_error(failure, job.sources[0])
+            with self._cond:
+                job.timings.update(timings)
+                if job.cancel.is_set():
+                    return
+                job.state, job.finished = "failed", time.time()
+                job.error = self._scrub(str(error), job.sources)
+            log.warning(
+                "model %s: reload failed, still serving the current version: %s",
+                self.name,
+                job.error,
+            )
             return
         with self._cond:
-            if self._state is not State.READY or self._closed.is_set():
-                report.update(state="dropped", finished=time.time())
-                return
-            old = self._model
-            self._model = model
-            self._sources, self._sha256 = sources, sha256
-            self._path, self._loaded_sha256 = fetched.path, fetched.sha256
+            job.timings.update(timings)
+            if job.cancel.is_set() or self._state is not State.READY or self._reload is not job:
+                job.state, job.finished = "cancelled", time.time()
+                return  # superseded, unloaded or closed meanwhile: drop the new model
+            old, self._model = self._model, model
+            old_path, self._path = self._path, fetched.path
+            self._sources, self._sha256 = job.sources, job.sha256
+            self._loaded_sha256 = fetched.sha256
             self._cache_hit = fetched.cache_hit
-            self._bytes_total = self._bytes_done = fetched.size or 0
-            self._timings.update({"fetch_s": None, "load_s": None, "quantize_s": None,
-                                  "warmup_s": None, **timings})
-            report.update(state="ready", finished=time.time())
+            self._bytes_total = fetched.size
+            self._bytes_done = fetched.size or 0
+            self._timings = {**_empty_timings(), **timings}
+            job.state, job.finished = "ready", time.time()
+            before = _rss()
+        del model
         del old
-        gc.collect()
-        log.info("model %s reloaded", self.name)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop background work (a running download is cancelled) and unload."""
-        self._closed.set()
-        self._cancel.set()
+        freed = _free_memory(before)
         with self._cond:
-            attempt = self._attempt
-        threads = [attempt.thread if attempt else None, self._reload_thread, self._idle_thread]
-        for thread in threads:
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout)
+            self._bytes_freed = freed
+        if old_path is not None and old_path != fetched.path:
+            self._release(old_path)
+        log.info("model %s reloaded (%s freed)", self.name, _human(freed))
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def _stop(self) -> None:
+        """Ask background work to stop (downloads are cancelled); does not wait."""
+        self._closed.set()
+        with self._cond:
+            if self._attempt is not None and not self._attempt.done:
+                self._attempt.cancel.set()
+            if self._reload is not None and not self._reload.done:
+                self._reload.cancel.set()
+
+    def _threads(self) -> list[threading.Thread]:
+        with self._cond:
+            threads = [
+                self._attempt.thread if self._attempt else None,
+                self._reload.thread if self._reload else None,
+                self._idle_thread,
+            ]
+        return [t for t in threads if t is not None and t is not threading.current_thread()]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop background work, wait for its threads, and unload.
+
+        A download under way is cancelled (its part file stays in the cache's ``.tmp`` to be
+        resumed; nothing half-written is published). A loader cannot be interrupted: ``close``
+        waits up to ``timeout`` seconds (default :attr:`close_timeout`) for it. A later
+        ``get()`` starts again.
+        """
+        self._stop()
+        limit = self.close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        for thread in self._threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning(
+                    "model %s: thread %s still running after close()", self.name, thread.name
+                )
         self.unload()
 
     # -- status -------------------------------------------------------------------------------
@@ -585,16 +798,16 @@ class ModelHandle:
         """A JSON-serialisable snapshot: state, progress, timings, error (all redacted)."""
         with self._cond:
             error = self._error
-            reload = dict(self._reload) if self._reload else None
+            reload = self._reload.report() if self._reload else None
             status: dict[str, Any] = {
                 "name": self.name,
                 "state": self._state.value,
-                "strategy": self.strategy.value,
+                "strategy": _safe(lambda: self.strategy.value),
                 "source": self.source,
                 "bytes_total": self._bytes_total,
                 "bytes_done": self._bytes_done,
                 "cache_hit": self._cache_hit,
-                "quantize": self.quantize,
+                "quantize": _safe(lambda: self.quantize),
                 "timings": dict(self._timings),
                 "error": None,
                 "required": self.required,
@@ -603,23 +816,30 @@ class ModelHandle:
                 "path": str(self._path) if self._path else None,
                 "idle_unload": self.idle_unload,
                 "idle_s": round(time.monotonic() - self._last_used, 3)
-                if self._state is State.READY else None,
+                if self._state is State.READY
+                else None,
                 "bytes_freed": self._bytes_freed,
                 "reload": reload,
             }
             status.update(self._extra)
         if error is not None:
             status["error"] = self._scrub(f"{type(error).__name__}: {error}")
-        elif reload and reload.get("state") == "failed":
-            status["error"] = self._scrub(f"reload failed: {reload['error']}")
-        if reload and reload.get("error"):
-            reload["error"] = self._scrub(reload["error"])
+        elif reload is not None and reload["state"] == "failed":
+            status["error"] = f"reload failed: {reload['error']}"
         return status
 
-    def _scrub(self, text: str) -> str:
-        for source in self._sources:
+    def _scrub(self, text: str, sources: Sequence[Source] | None = None) -> str:
+        for source in [*self._sources, *(sources or ())]:
             text = source.scrub(text)
         return text
+
+
+def _safe(read: Callable[[], str | None]) -> str | None:
+    """A configuration value for ``status()``; a bad environment value shows as an error text."""
+    try:
+        return read()
+    except ValueError as error:
+        return f"invalid: {error}"
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -627,11 +847,12 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _describe_timings(timings: dict[str, float | None]) -> str:
+def _describe(timings: dict[str, float | None]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in timings.items() if v is not None)
 
 
 def _rss() -> int | None:
+    """This process's resident set size in bytes (Linux), or ``None``."""
     try:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -639,15 +860,14 @@ def _rss() -> int | None:
         return None
 
 
-def _free_memory() -> int | None:
-    """Collect garbage and give freed heap back to the OS; the resident bytes released."""
-    before = _rss()
+def _free_memory(before: int | None) -> int | None:
+    """Collect garbage and give freed heap back to the OS; the resident bytes released since
+    ``before`` (measured while the model was still referenced)."""
     gc.collect()
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
     after = _rss()

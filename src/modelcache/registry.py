@@ -83,7 +83,15 @@ class Registry(Mapping[str, ModelHandle]):
         """Fetch every handle's files into its cache without loading any model; name -> path."""
         return {name: str(handle.fetch()) for name, handle in self._handles.items()}
 
-    def close(self) -> None:
-        """Stop background work and unload every model."""
-        for handle in self._handles.values():
-            handle.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Stop background work and unload every model.
+
+        Every handle is told to stop first (downloads are cancelled at once, their part files
+        kept for a later resume), then each one's threads are waited for (up to ``timeout``
+        seconds each, default :attr:`ModelHandle.close_timeout`) and its model unloaded.
+        """
+        handles = list(self._handles.values())
+        for handle in handles:
+            handle._stop()
+        for handle in handles:
+            handle.close(timeout)
