@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,7 +128,7 @@ def normalize_sha256(value: str | None) -> str | None:
         return None
     digest = value.strip().lower()
     if digest.startswith("sha256:"):
-        digest = digest[len("sha256:"):]
+        digest = digest[len("sha256:") :]
     if len(digest) != 64 or not set(digest) <= _HEX:
         raise ValueError(f"sha256 must be 64 hex characters, got {value!r}")
     return digest
@@ -265,10 +265,13 @@ class Cache:
                 "not in the cache and offline mode is on", model=model, source=sources[0].redacted
             )
         if all(isinstance(e, IntegrityError) for e in errors):
-            raise IntegrityError("every mirror sent the wrong bytes", model=model,
-                                 source=sources[0].redacted)
+            raise IntegrityError(
+                "every mirror sent the wrong bytes", model=model, source=sources[0].redacted
+            )
         raise SourceError(
-            f"all {len(sources)} sources failed", model=model, source=sources[0].redacted,
+            f"all {len(sources)} sources failed",
+            model=model,
+            source=sources[0].redacted,
             attempts=attempts,
         )
 
@@ -310,8 +313,9 @@ class Cache:
                 self._lease(key)
                 with contextlib.suppress(OSError):
                     os.utime(entry_dir / _META)
-            return Fetched(entry_dir / meta["name"], True, meta["sha256"], meta["size"],
-                           source.redacted)
+            return Fetched(
+                entry_dir / meta["name"], True, meta["sha256"], meta["size"], source.redacted
+            )
         return None
 
     def _trusted(self, entry_dir: Path, meta: dict[str, Any], read_only: bool) -> bool:
@@ -323,21 +327,24 @@ class Cache:
                 stamp = _stamp(path)
             except OSError:
                 return False
-            if stamp == record.get("stamp") or stamp == self._trusted_stamp(path):
+            if stamp == record.get("stamp") or stamp == self._trusted_stamp(path, record["sha256"]):
                 continue
             stale.append((record, path, stamp))
         if not stale:
             return True
         for record, path, _ in stale:
             if path.stat().st_size != record["size"] or hash_file(path) != record["sha256"]:
-                log.warning("cache entry %s is corrupt (%s); it will be fetched again",
-                            entry_dir, record["path"])
+                log.warning(
+                    "cache entry %s is corrupt (%s); it will be fetched again",
+                    entry_dir,
+                    record["path"],
+                )
                 if not read_only:
                     self._quarantine(entry_dir)
                 return False
         for record, path, stamp in stale:
             if read_only:
-                self._remember_trust(path, stamp)
+                self._remember_trust(path, stamp, record["sha256"])
             else:
                 record["stamp"] = stamp
         if not read_only:
@@ -348,21 +355,24 @@ class Cache:
         digest = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
         return self.path / ".trusted" / f"{digest}.json"
 
-    def _trusted_stamp(self, path: Path) -> list[int] | None:
+    def _trusted_stamp(self, path: Path, sha256: str) -> list[int] | None:
+        """The stamp ``path`` had when it was last found to hash to ``sha256``."""
         try:
             data = json.loads(self._trust_file(path).read_text())
-            return list(data["stamp"]) if data.get("path") == str(path.absolute()) else None
+            if data.get("path") != str(path.absolute()) or data.get("sha256") != sha256:
+                return None
+            return list(data["stamp"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _remember_trust(self, path: Path, stamp: list[int], sha256: str | None = None) -> None:
+    def _remember_trust(self, path: Path, stamp: list[int], sha256: str) -> None:
         with contextlib.suppress(OSError):
             target = self._trust_file(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f"{target.name}.{_unique()}")
-            tmp.write_text(json.dumps(
-                {"path": str(path.absolute()), "stamp": stamp, "sha256": sha256}
-            ))
+            tmp.write_text(
+                json.dumps({"path": str(path.absolute()), "stamp": stamp, "sha256": sha256})
+            )
             os.replace(tmp, target)
 
     def _quarantine(self, entry_dir: Path) -> None:
@@ -377,12 +387,13 @@ class Cache:
             raise SourceError("no such file or directory", model=model, source=source.redacted)
         if sha256 is not None and path.is_file():
             stamp = _stamp(path)
-            if stamp != self._trusted_stamp(path):
+            if stamp != self._trusted_stamp(path, sha256):
                 actual = hash_file(path)
                 if actual != sha256:
                     raise IntegrityError(
                         f"sha256 mismatch: expected {sha256}, the file has {actual}",
-                        model=model, source=source.redacted,
+                        model=model,
+                        source=source.redacted,
                     )
                 self._remember_trust(path, stamp, actual)
         size = path.stat().st_size if path.is_file() else None
@@ -397,8 +408,15 @@ class Cache:
             return
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=source.name, leave=False, disable=None)
+        bar = tqdm(
+            total=None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=source.name,
+            leave=False,
+            disable=None,
+        )
 
         def report(done: int, total: int | None) -> None:
             if total is not None and bar.total != total:
@@ -428,8 +446,11 @@ class Cache:
             lock = FileLock(str(self._dir(".locks") / f"{key}.lock"))
             tmp = self._dir(".tmp")
         except OSError as error:
-            raise ModelCacheError(f"cannot write the cache at {self.path}: {error}",
-                                  model=model, source=source.redacted) from None
+            raise ModelCacheError(
+                f"cannot write the cache at {self.path}: {error}",
+                model=model,
+                source=source.redacted,
+            ) from None
         hit = self._wait_for_lock(lock, key, source, model, refresh)
         if hit is not None:
             return hit
@@ -445,14 +466,21 @@ class Cache:
                 discard_part(part)
                 raise IntegrityError(
                     f"sha256 mismatch: expected {sha256}, got {result.sha256}; nothing was cached",
-                    model=model, source=source.redacted,
+                    model=model,
+                    source=source.redacted,
                 )
             elapsed = time.monotonic() - started
-            log.info("downloaded %s (%d bytes, %d fetched) in %.2fs", source.redacted,
-                     result.size, result.fetched, elapsed)
+            log.info(
+                "downloaded %s (%d bytes, %d fetched) in %.2fs",
+                source.redacted,
+                result.size,
+                result.fetched,
+                elapsed,
+            )
             files = [{"path": source.name, "size": result.size, "sha256": result.sha256}]
-            return self._publish(key, source, {source.name: part}, files, result.etag, "file",
-                                 replace=refresh)
+            return self._publish(
+                key, source, {source.name: part}, files, result.etag, "file", replace=refresh
+            )
         finally:
             lock.release()
 
@@ -471,24 +499,34 @@ class Cache:
             if total - already + _SPACE_MARGIN > free:
                 raise InsufficientSpaceError(
                     f"needs {total - already} more bytes but {part.parent} has {free} free",
-                    model=model, source=source.redacted,
+                    model=model,
+                    source=source.redacted,
                 )
 
         try:
             reader = open_reader(source, self.transfer)
         except FatalError as error:
-            raise SourceError(source.scrub(str(error)), model=model, source=source.redacted,
-                              status=error.status) from None
+            raise SourceError(
+                source.scrub(str(error)), model=model, source=source.redacted, status=error.status
+            ) from None
         try:
-            return download(reader, part, options=self.transfer, progress=progress,
-                            on_size=check_space, cancel=cancel)
+            return download(
+                reader,
+                part,
+                options=self.transfer,
+                progress=progress,
+                on_size=check_space,
+                cancel=cancel,
+            )
         except FatalError as error:
-            raise SourceError(source.scrub(str(error)), model=model, source=source.redacted,
-                              status=error.status) from None
+            raise SourceError(
+                source.scrub(str(error)), model=model, source=source.redacted, status=error.status
+            ) from None
         except OSError as error:
             if error.errno == errno.ENOSPC:
-                raise InsufficientSpaceError(f"the disk filled up: {error}", model=model,
-                                             source=source.redacted) from None
+                raise InsufficientSpaceError(
+                    f"the disk filled up: {error}", model=model, source=source.redacted
+                ) from None
             raise
         finally:
             reader.close()
@@ -521,7 +559,8 @@ class Cache:
                 raise LockTimeoutError(
                     f"another process holds the lock on {key[:16]} and made no progress "
                     f"for {self.lock_timeout:.0f}s (lock file {lock.lock_file})",
-                    model=model, source=source.redacted,
+                    model=model,
+                    source=source.redacted,
                 )
 
     def _writer_activity(self, key: str) -> float:
@@ -584,9 +623,7 @@ class Cache:
         for record in files:
             record["stamp"] = _stamp(staging / record["path"])
         total = sum(record["size"] for record in files)
-        digest = (
-            files[0]["sha256"] if kind == "file" else _manifest_digest(files)
-        )
+        digest = files[0]["sha256"] if kind == "file" else _manifest_digest(files)
         name = source.name
         meta = {
             "format": _FORMAT,
@@ -616,6 +653,51 @@ class Cache:
             return hit
         self._lease(key)
         return Fetched(final / name, False, digest, total, source.redacted)
+
+    # -- derived entries ----------------------------------------------------------------------
+
+    def derive(
+        self,
+        key: str,
+        label: str,
+        produce: Callable[[Path], None],
+        *,
+        model: str | None = None,
+    ) -> Fetched:
+        """The entry ``key`` holding a file made from other data (e.g. quantized weights).
+
+        When no layer holds it, ``produce(path)`` writes the file, which is then hashed and
+        published like a download (atomically, under the entry's lock); other threads and
+        processes wait and read the result. ``label`` is a URL-like description shown as the
+        entry's source; its last segment names the file. ``cache_hit`` is False when
+        ``produce`` ran here.
+        """
+        from filelock import FileLock
+
+        source = Source(label)
+        hit = self._lookup(key, source)
+        if hit is not None:
+            return hit
+        lock = FileLock(str(self._dir(".locks") / f"{key}.lock"))
+        hit = self._wait_for_lock(lock, key, source, model)
+        if hit is not None:
+            return hit
+        try:
+            hit = self._lookup(key, source)
+            if hit is not None:
+                return hit
+            part = self._dir(".tmp") / f"{key}.{_unique()}.part"
+            try:
+                produce(part)
+                files = [
+                    {"path": source.name, "size": part.stat().st_size, "sha256": hash_file(part)}
+                ]
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+            return self._publish(key, source, {source.name: part}, files, None, "file")
+        finally:
+            lock.release()
 
     # -- in-use leases ------------------------------------------------------------------------
 
@@ -681,11 +763,13 @@ class Cache:
                     if not path.is_file():
                         problems.append(Problem(meta["key"], f"{record['path']} is missing"))
                     elif path.stat().st_size != record["size"]:
-                        problems.append(Problem(
-                            meta["key"],
-                            f"{record['path']} has {path.stat().st_size} bytes, "
-                            f"expected {record['size']}",
-                        ))
+                        problems.append(
+                            Problem(
+                                meta["key"],
+                                f"{record['path']} has {path.stat().st_size} bytes, "
+                                f"expected {record['size']}",
+                            )
+                        )
                     elif hash_file(path) != record["sha256"]:
                         problems.append(Problem(meta["key"], f"{record['path']} sha256 mismatch"))
                     elif read_only:
@@ -808,4 +892,3 @@ def _entry(entry_dir: Path, meta: Mapping[str, Any], read_only: bool) -> Entry:
         kind=meta.get("kind", "file"),
         read_only=read_only,
     )
-

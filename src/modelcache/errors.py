@@ -6,7 +6,7 @@ The hierarchy::
     ├── SourceError            unreachable, not found, refused, bad URL or unknown scheme
     ├── IntegrityError         hash or size mismatch
     ├── NotCachedError         offline (or nothing cached) and the entry is missing
-    ├── LockTimeoutError       another writer held the entry's lock without progress (TimeoutError too)
+    ├── LockTimeoutError       another writer held the lock without progress (a TimeoutError)
     ├── InsufficientSpaceError the cache's disk cannot hold the download
     ├── LoadError              the loader or quantization failed (cause chained)
     └── NotReadyError          get() timed out before READY (TimeoutError too)
@@ -58,7 +58,7 @@ class ModelCacheError(Exception):
         return self._message()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.reason, self.model, self.source, self.__dict__))
+        return (_rebuild, (type(self), dict(self.__dict__)))
 
     def with_model(self, model: str | None) -> ModelCacheError:
         """Name the model this error is about (used when a handle re-raises a cache error)."""
@@ -68,16 +68,10 @@ class ModelCacheError(Exception):
         return self
 
 
-def _rebuild(
-    cls: type[ModelCacheError],
-    reason: str,
-    model: str | None,
-    source: str | None,
-    state: dict[str, Any],
-) -> ModelCacheError:
+def _rebuild(cls: type[ModelCacheError], state: dict[str, Any]) -> ModelCacheError:
     error = cls.__new__(cls)
-    ModelCacheError.__init__(error, reason, model=model, source=source)
     error.__dict__.update(state)
+    Exception.__init__(error, error._message())
     return error
 
 

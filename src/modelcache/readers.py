@@ -10,6 +10,8 @@ Every other protocol (s3, gs, hf, ...) goes through fsspec.
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import re
 import threading
 import urllib.request
@@ -19,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._version import __version__
-from .sources import Source
+from .sources import Source, redact
 from .transfer import FatalError, RangeStream, Reader, TransferOptions, TransientError
 
 __all__ = ["FsspecReader", "HTTPReader", "open_reader"]
@@ -56,8 +58,35 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+_QUERY_VALUE = re.compile(r"(?P<name>[?&][^=&\s\"']+=)[^&\s\"'#]*")
+
+
+def _mask_query(value: object) -> object:
+    if isinstance(value, str) and "?" in value:
+        return _QUERY_VALUE.sub(r"\g<name>***", redact(value))
+    return value
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks query values (signatures, tokens) in urllib3's request log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_mask_query(arg) for arg in record.args)
+        record.msg = _mask_query(record.msg)
+        return True
+
+
+def _install_log_filter() -> None:
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _RedactingFilter) for f in logger.filters):
+        logger.addFilter(_RedactingFilter())
+
+
 def _pool(proxy: str | None, options: TransferOptions) -> Any:
     import urllib3
+
+    _install_log_filter()
 
     key = (proxy, options.connect_timeout, options.stall_timeout, options.connections)
     with _pools_lock:
@@ -65,8 +94,14 @@ def _pool(proxy: str | None, options: TransferOptions) -> Any:
         if pool is None:
             timeout = urllib3.Timeout(connect=options.connect_timeout, read=options.stall_timeout)
             retries = urllib3.Retry(
-                total=None, connect=0, read=0, status=0, other=0, redirect=10,
-                raise_on_redirect=True, raise_on_status=False,
+                total=None,
+                connect=0,
+                read=0,
+                status=0,
+                other=0,
+                redirect=10,
+                raise_on_redirect=True,
+                raise_on_status=False,
             )
             kwargs: dict[str, Any] = {
                 "maxsize": max(4, options.connections),
@@ -109,6 +144,7 @@ class HTTPReader(Reader):
             self._headers.setdefault("Authorization", f"Basic {token}")
         self._url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
         self._pool = _pool(_proxy_for(self._url), options)
+        self._piece = options.piece_size
 
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
         import urllib3
@@ -148,7 +184,11 @@ class HTTPReader(Reader):
                 raise FatalError("the origin sent a partial answer without a Content-Range")
             size = None if match.group(3) == "*" else int(match.group(3))
             return RangeStream(
-                self._pieces(response), int(match.group(1)), size, etag, True,
+                self._pieces(response),
+                int(match.group(1)),
+                size,
+                etag,
+                True,
                 close=lambda: _discard(response),
             )
         if status == 200:
@@ -176,7 +216,7 @@ class HTTPReader(Reader):
     def _pieces(self, response: Any) -> Iterator[bytes]:
         import urllib3
 
-        piece = 1 << 20
+        piece = self._piece
         try:
             while True:
                 data = response.read(piece, decode_content=False)
@@ -240,10 +280,8 @@ class FsspecReader(Reader):
                 position += len(data)
                 yield data
         finally:
-            try:
+            with contextlib.suppress(Exception):  # closing a read-only handle loses no data
                 handle.close()
-            except Exception:  # closing a read-only handle cannot lose data
-                pass
 
 
 def _etag_of(info: Mapping[str, Any]) -> str | None:

@@ -117,7 +117,8 @@ class Source:
         default_port = {"http": 80, "https": 443}.get(self.protocol)
         netloc = host if port in (None, default_port) else f"{host}:{port}"
         query = sorted(
-            (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
             if not _SIGNING_PARAM.match(k)
         )
         return urlunsplit((self.protocol, netloc, parts.path or "/", urlencode(query), ""))
@@ -155,8 +156,7 @@ def redact(text: str) -> str:
     def mask_query(match: re.Match[str]) -> str:
         query = match.group(0).split("?", 1)[1]
         masked = "&".join(
-            f"{part.split('=', 1)[0]}={_MASK}" if "=" in part else part
-            for part in query.split("&")
+            f"{part.split('=', 1)[0]}={_MASK}" if "=" in part else part for part in query.split("&")
         )
         return f"{match.group('url')}?{masked}"
 
@@ -183,11 +183,9 @@ def parse_sources(
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[Source]:
     """One source or a list of mirrors (tried in order) as a non-empty list of :class:`Source`."""
-    items: Iterable[SourceLike]
-    if isinstance(source, (str, os.PathLike)):
-        items = [source]
-    else:
-        items = list(source)
+    items: Iterable[SourceLike] = (
+        [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    )
     sources = [Source.parse(item, storage_options) for item in items]
     if not sources:
         raise ValueError("source must name at least one path or URL")

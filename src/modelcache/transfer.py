@@ -129,7 +129,7 @@ class Reader(ABC):
         ``etag`` was recorded, the reader answers with ``start == 0`` (a fresh, whole copy).
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections."""
 
 
@@ -215,6 +215,10 @@ class _RetryBudget:
 
 class _Cancelled(Exception):
     pass
+
+
+class _OriginChanged(TransientError):
+    """The origin now serves another version of the file: start again from byte 0."""
 
 
 class _Stop:
@@ -311,6 +315,9 @@ class _Job:
                     self.frontier, self.hasher.hexdigest(), self.etag, self.fetched
                 )
             except TransientError as error:
+                if isinstance(error, _OriginChanged):
+                    self._restart_from_zero()
+                    self.etag = self.size = None
                 try:
                     self.budget.wait(error)
                 except _Cancelled:
@@ -338,9 +345,7 @@ class _Job:
             self._restart_from_zero()
         if self.etag is not None and stream.etag is not None and stream.etag != self.etag:
             stream.close()
-            self._restart_from_zero()
-            self.etag, self.size = stream.etag, stream.size
-            raise TransientError("the file changed at the origin; starting again")
+            raise _OriginChanged("the file changed at the origin; starting again")
         self.etag = stream.etag
         self.size = stream.size
         if self.size is not None:
@@ -425,6 +430,8 @@ class _Job:
                 worker.join()
 
     def _consume(self, pieces: queue.SimpleQueue[Any]) -> None:
+        saved, saved_at = self.frontier, time.monotonic()
+        every = max(self.options.chunk_size, 8 * MiB)
         while True:
             try:
                 item = pieces.get(timeout=0.25)
@@ -438,6 +445,9 @@ class _Job:
                 raise item
             self.hasher.update(item)
             self.frontier += len(item)
+            if self.frontier - saved >= every or time.monotonic() - saved_at >= 1.0:
+                self._save_state()  # a long single stream resumes from here after a kill
+                saved, saved_at = self.frontier, time.monotonic()
             self._report()
 
     def _fetch_chunk(
@@ -459,7 +469,7 @@ class _Job:
                             self.etag is not None and stream.etag not in (None, self.etag)
                         ):
                             stream.close()
-                            raise FatalError("the file changed at the origin during the download")
+                            raise _OriginChanged("the file changed at the origin; starting again")
                     for piece in stream.pieces:
                         if abort.is_set() or self.cancel.is_set():
                             return
@@ -478,8 +488,8 @@ class _Job:
                     out.put(_STOP)
                     return
                 except TransientError as error:
-                    if index == 0 or end is None:
-                        raise  # the first stream is retried by the outer loop
+                    if end is None or isinstance(error, _OriginChanged):
+                        raise  # a single stream (or a new version) is retried by the outer loop
                     stream = _close(stream)
                     self.budget.wait(error)
                 finally:
@@ -490,7 +500,7 @@ class _Job:
             out.put(error)
 
 
-def _close(stream: RangeStream | None) -> None:
+def _close(stream: RangeStream | None) -> RangeStream | None:
     if stream is not None:
         with contextlib.suppress(Exception):
             stream.close()

@@ -1,0 +1,166 @@
+"""Shared helpers: a clean environment, fast transfer options, random payloads, worker processes.
+
+Everything runs against real servers on 127.0.0.1 (``model_server``) and real processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelcache import Cache, TransferOptions
+from modelcache.cache import Cache as _CacheImpl
+
+MiB = 1 << 20
+
+#: retries and timeouts short enough for tests, long enough for a loaded 2-core machine
+FAST = TransferOptions(
+    retries=3,
+    backoff=0.01,
+    max_backoff=0.05,
+    deadline=20.0,
+    stall_timeout=2.0,
+    connect_timeout=2.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MODELCACHE_* variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("MODELCACHE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MODELCACHE_PROGRESS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _release_leases() -> Iterator[None]:
+    """Drop the in-use leases this process took, so tests do not see each other's."""
+    yield
+    with _CacheImpl._leases_lock:
+        fds = list(_CacheImpl._leases.values())
+        _CacheImpl._leases.clear()
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.fixture
+def cache(modelcache_home: Path) -> Cache:
+    """A writable cache in a temporary directory with fast retries and no read-only layer."""
+    return Cache(modelcache_home, read_only_paths=[], offline=False, transfer=FAST)
+
+
+def make_payload(size: int, seed: int = 0) -> bytes:
+    """``size`` pseudo-random bytes (incompressible, reproducible)."""
+    return random.Random(seed).randbytes(size)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def part_frontier(home: Path) -> int:
+    """The largest resume frontier recorded by any writer in the cache's ``.tmp``."""
+    best = 0
+    for state in (home / ".tmp").glob("*.part.json"):
+        try:
+            best = max(best, int(json.loads(state.read_text())["frontier"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return best
+
+
+WORKER = r"""
+import json, os, sys, time
+from pathlib import Path
+from modelcache import Cache, TransferOptions
+
+args = json.loads(sys.argv[1])
+if args.get("ready"):
+    Path(args["ready"]).touch()
+if args.get("go"):
+    while not os.path.exists(args["go"]):
+        time.sleep(0.005)
+cache = Cache(args["home"], read_only_paths=[], offline=False,
+              transfer=TransferOptions(**args["options"]))
+try:
+    got = cache.fetch_details(args["url"], args.get("sha256"))
+except Exception as error:
+    print(json.dumps({"error": type(error).__name__, "message": str(error)}), flush=True)
+    sys.exit(0)
+print(json.dumps({"path": str(got.path), "cache_hit": got.cache_hit}), flush=True)
+if args.get("hold"):
+    Path(args["hold"]).touch()
+    time.sleep(600)
+"""
+
+
+class Worker:
+    """A separate Python process that fetches one source into a cache."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def result(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The worker's JSON answer (waits for its first line)."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout)
+            stderr = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"worker died (rc={self.proc.returncode}): {stderr}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """``spawn(home, url, options=FAST, **extra) -> Worker``; every worker is killed at the end."""
+    script = tmp_path / "fetch_worker.py"
+    script.write_text(WORKER)
+    workers: list[Worker] = []
+
+    def start(home: Path, url: str, options: TransferOptions = FAST, **extra: Any) -> Worker:
+        args = {"home": str(home), "url": url, "options": asdict(options), **extra}
+        proc = subprocess.Popen(
+            [sys.executable, str(script), json.dumps(args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "MODELCACHE_PROGRESS": "0"},
+        )
+        worker = Worker(proc)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.kill()
