@@ -578,7 +578,7 @@ class Cache:
             tmp.glob(f"{key}.*.part"), key=lambda p: read_resume_state(p)[0], reverse=True
         )
         for candidate in candidates:
-            if read_resume_state(candidate)[0] <= 0:
+            if read_resume_state(candidate)[0] <= 0 or _part_in_use(candidate):
                 continue
             try:
                 os.rename(candidate, mine)
@@ -849,6 +849,21 @@ class Cache:
                 os.close(fd)
         finally:
             lock.release()
+
+
+def _part_in_use(part: Path) -> bool:
+    """Whether a living writer still holds ``part`` (it keeps an exclusive flock on it)."""
+    try:
+        fd = os.open(part, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
 
 
 def _manifest_digest(files: list[dict[str, Any]]) -> str:

@@ -149,6 +149,9 @@ class Source:
     def __str__(self) -> str:
         return self.redacted
 
+    def __repr__(self) -> str:
+        return f"Source({self.redacted!r})"
+
 
 def redact(text: str) -> str:
     """Mask credentials in every URL found in ``text`` (userinfo and query values)."""

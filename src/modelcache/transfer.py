@@ -17,6 +17,7 @@ ordering, hashing, progress and cancellation.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -252,6 +253,9 @@ def download(
     hasher = hashlib.sha256()
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o664)
     try:
+        # held while this writer lives: nobody takes over a part file that is still written
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if frontier:
             _hash_prefix(fd, frontier, hasher)
         else:
@@ -483,8 +487,9 @@ class _Job:
                         self.budget.progressed()
                         if end is not None and position >= end:
                             break
-                    if end is not None and position < end:
+                    if end is not None and position < end and self.size is not None:
                         raise TransientError(f"connection closed at byte {position} of {end}")
+                    # (a clean end before ``end`` when the size is unknown is the end of file)
                     out.put(_STOP)
                     return
                 except TransientError as error:

@@ -1,0 +1,88 @@
+"""The error hierarchy: what each is, what it says, and that it crosses process boundaries."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import modelcache
+from modelcache import (
+    InsufficientSpaceError,
+    IntegrityError,
+    LoadError,
+    LockTimeoutError,
+    ModelCacheError,
+    NotCachedError,
+    NotReadyError,
+    SourceError,
+)
+
+ALL = [
+    SourceError,
+    IntegrityError,
+    NotCachedError,
+    LockTimeoutError,
+    InsufficientSpaceError,
+    LoadError,
+    NotReadyError,
+]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_every_error_names_model_and_source_and_pickles(cls: type[ModelCacheError]) -> None:
+    error = cls("it broke", model="whisper-tiny", source="https://host/tiny.pt")
+    assert isinstance(error, ModelCacheError)
+    assert "whisper-tiny" in str(error)
+    assert "https://host/tiny.pt" in str(error)
+    assert "it broke" in str(error)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is cls
+    assert str(copy) == str(error)
+    assert (copy.reason, copy.model, copy.source) == (error.reason, error.model, error.source)
+
+
+def test_timeouts_are_timeout_errors_and_space_is_an_os_error() -> None:
+    assert issubclass(LockTimeoutError, TimeoutError)
+    assert issubclass(NotReadyError, TimeoutError)
+    assert issubclass(InsufficientSpaceError, OSError)
+    with pytest.raises(TimeoutError):
+        raise NotReadyError("not ready after 5s", model="m")
+
+
+def test_source_error_keeps_status_and_attempts_through_pickle() -> None:
+    error = SourceError(
+        "all 2 sources failed",
+        model="m",
+        source="https://a/m.pt",
+        status=None,
+        attempts=[("https://a/m.pt", "not found (HTTP 404)"), ("s3://b/m.pt", "refused")],
+    )
+    assert "tried:" in str(error)
+    assert "s3://b/m.pt: refused" in str(error)
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.attempts == error.attempts
+    assert str(copy) == str(error)
+    refused = pickle.loads(pickle.dumps(SourceError("refused", status=403)))
+    assert refused.status == 403
+
+
+def test_not_cached_names_the_command_that_preloads() -> None:
+    error = NotCachedError("offline", model="m", source="https://host/tiny.pt")
+    assert "modelcache fetch https://host/tiny.pt" in str(error)
+
+
+def test_with_model_names_the_model_once() -> None:
+    error = IntegrityError("sha256 mismatch", source="https://h/m.pt")
+    assert "model" not in str(error)
+    assert error.with_model("sharp") is error
+    assert "model 'sharp'" in str(error)
+    error.with_model("other")
+    assert "other" not in str(error)
+    assert "sharp" in str(pickle.loads(pickle.dumps(error)))
+
+
+def test_errors_are_importable_from_one_place() -> None:
+    for cls in [ModelCacheError, *ALL]:
+        assert getattr(modelcache, cls.__name__) is cls
+        assert cls.__module__ == "modelcache.errors"

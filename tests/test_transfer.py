@@ -1,0 +1,183 @@
+"""The transfer engine: ordering, resume state, unknown sizes, cancellation, deadlines."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import FAST, MiB, make_payload, sha
+
+from modelcache import Cache, SourceError, TransferOptions
+from modelcache.readers import HTTPReader
+from modelcache.sources import Source
+from modelcache.testing import ModelServer
+from modelcache.transfer import (
+    FatalError,
+    RangeStream,
+    Reader,
+    TransientError,
+    download,
+    read_resume_state,
+)
+
+
+class MemoryReader(Reader):
+    """A reader over bytes in memory (the engine's contract, not a network stand-in)."""
+
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        ranged: bool = True,
+        tell_size: bool = True,
+        piece: int = 100_000,
+        fail_at: int | None = None,
+    ) -> None:
+        self.data = data
+        self.ranged = ranged
+        self.tell_size = tell_size
+        self.piece = piece
+        self.fail_at = fail_at
+        self.opened: list[tuple[int, int | None]] = []
+
+    def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+        self.opened.append((start, end))
+        if not self.ranged:
+            start, end = 0, None
+        stop = len(self.data) if end is None else min(end, len(self.data))
+        return RangeStream(
+            self._pieces(start, stop),
+            start,
+            len(self.data) if self.tell_size else None,
+            '"v1"',
+            self.ranged,
+        )
+
+    def _pieces(self, start: int, stop: int) -> Iterator[bytes]:
+        for offset in range(start, stop, self.piece):
+            if self.fail_at is not None and offset <= self.fail_at < offset + self.piece:
+                self.fail_at = None
+                raise TransientError("connection reset")
+            yield self.data[offset : min(offset + self.piece, stop)]
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+@pytest.mark.parametrize("tell_size", [True, False])
+@pytest.mark.parametrize("ranged", [True, False])
+def test_every_shape_of_origin_gives_the_same_bytes(
+    tmp_path: Path, connections: int, tell_size: bool, ranged: bool
+) -> None:
+    data = make_payload(3 * MiB + 777)
+    reader = MemoryReader(data, ranged=ranged, tell_size=tell_size, fail_at=MiB + 5)
+    options = replace(FAST, connections=connections, chunk_size=512 * 1024)
+    part = tmp_path / "x.part"
+    result = download(reader, part, options=options)
+    assert part.read_bytes() == data
+    assert result.sha256 == sha(data)
+    assert result.size == len(data)
+
+
+def test_resume_state_is_kept_beside_the_part_file(tmp_path: Path) -> None:
+    data = make_payload(2 * MiB)
+    part = tmp_path / "x.part"
+    reader = MemoryReader(data, fail_at=10**12)
+    download(reader, part, options=replace(FAST, connections=1))
+    frontier, etag, size = read_resume_state(part)
+    assert (frontier, etag, size) == (len(data), '"v1"', len(data))
+
+    # the whole file is already there: nothing is asked of the origin again
+    again = MemoryReader(data)
+    result = download(again, part, options=FAST)
+    assert again.opened == []
+    assert result.sha256 == sha(data)
+    assert result.fetched == 0
+
+
+def test_a_part_file_shorter_than_its_state_starts_over(tmp_path: Path) -> None:
+    data = make_payload(MiB)
+    part = tmp_path / "x.part"
+    download(MemoryReader(data), part, options=FAST)
+    with open(part, "r+b") as handle:
+        handle.truncate(1000)
+    assert read_resume_state(part) == (0, None, None)
+    reader = MemoryReader(data)
+    assert download(reader, part, options=FAST).sha256 == sha(data)
+    assert reader.opened[0][0] == 0
+
+
+def test_fatal_errors_are_not_retried(tmp_path: Path) -> None:
+    class Refusing(MemoryReader):
+        def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+            self.opened.append((start, end))
+            raise FatalError("refused (HTTP 403)", 403)
+
+    reader = Refusing(b"")
+    with pytest.raises(FatalError, match="403"):
+        download(reader, tmp_path / "x.part", options=FAST)
+    assert len(reader.opened) == 1
+
+
+def test_the_deadline_bounds_a_failing_origin(tmp_path: Path) -> None:
+    class Failing(MemoryReader):
+        def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+            raise TransientError("HTTP 503", retry_after=0.2)
+
+    options = TransferOptions(retries=1000, backoff=0.05, deadline=1.0)
+    started = time.monotonic()
+    with pytest.raises(FatalError, match="gave up"):
+        download(Failing(b""), tmp_path / "x.part", options=options)
+    assert time.monotonic() - started < 3.0
+
+
+def test_defaults_retry_at_least_three_times_within_about_a_minute() -> None:
+    options = TransferOptions()
+    assert options.retries >= 3
+    worst = sum(
+        min(options.max_backoff, options.backoff * 2**n) * 1.5 for n in range(options.retries)
+    )
+    assert worst < 60
+    assert options.deadline <= 60
+
+
+def test_cancel_stops_a_download_and_keeps_its_bytes_for_later(
+    modelcache_home: Path, model_server: ModelServer
+) -> None:
+    data = make_payload(8 * MiB)
+    url = model_server.add("slow.bin", data)
+    model_server.set_rate("slow.bin", 2 * MiB)
+    cancel = threading.Event()
+
+    def stop_midway(done: int, total: int | None) -> None:
+        if done >= 2 * MiB:
+            cancel.set()
+
+    options = replace(FAST, connections=1)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="cancelled"):
+        Cache(modelcache_home, transfer=options).fetch(url, progress=stop_midway, cancel=cancel)
+    assert time.monotonic() - started < 3.0
+    model_server.set_rate("slow.bin", None)
+    model_server.reset_counts()
+    assert Cache(modelcache_home, transfer=options).fetch(url).read_bytes() == data
+    assert model_server.count("slow.bin")[1] <= len(data) - 2 * MiB
+
+
+def test_http_reader_reads_ranges(model_server: ModelServer) -> None:
+    data = make_payload(100_000)
+    url = model_server.add("r.bin", data)
+    reader = HTTPReader(Source.parse(url), replace(FAST, piece_size=4096))
+    stream = reader.open(1000, 2000, None)
+    body = b"".join(stream.pieces)
+    assert (stream.start, stream.size, stream.ranged) == (1000, len(data), True)
+    assert body == data[1000:2000]
+    whole = reader.open(0, None, None)
+    assert hashlib.sha256(b"".join(whole.pieces)).hexdigest() == sha(data)
+    assert max(len(p) for p in reader.open(0, None, None).pieces) <= 4096
+    # asking past the end of a complete file is not an error
+    end = reader.open(len(data), None, None)
+    assert (end.start, end.size, list(end.pieces)) == (len(data), len(data), [])
