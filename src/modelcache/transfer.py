@@ -432,6 +432,8 @@ class _Job:
             stream.close()
             for worker in workers:
                 worker.join()
+            with contextlib.suppress(OSError):
+                self._save_state()  # whatever ends this pass, the next one resumes from here
 
     def _consume(self, pieces: queue.SimpleQueue[Any]) -> None:
         saved, saved_at = self.frontier, time.monotonic()
