@@ -1,0 +1,1 @@
+"""The example service: ``app.models`` lists the models, ``app.main`` serves them."""
