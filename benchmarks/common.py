@@ -38,13 +38,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
+    "NET_CODE",
     "MiB",
     "ProcessResult",
     "RunningProcess",
     "Stats",
     "alternate",
+    "checkpoint_shape",
     "drop_from_page_cache",
     "free_port",
+    "http_origin",
     "human_bytes",
     "machine",
     "nginx",
@@ -53,10 +56,12 @@ __all__ = [
     "ratio",
     "row",
     "run_process",
+    "sha256_file",
     "spawn",
     "summarize",
     "timed",
     "vm_hwm",
+    "write_checkpoint",
 ]
 
 MiB = 1 << 20
@@ -380,6 +385,13 @@ http {{
 """
 
 
+def _nginx_binary() -> str | None:
+    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
 @contextlib.contextmanager
 def nginx(root: Path, *, limit_rate: int | None = None) -> Iterator[str]:
     """Serve ``root`` with nginx (sendfile, Range) on 127.0.0.1; yields the base URL.
@@ -387,9 +399,7 @@ def nginx(root: Path, *, limit_rate: int | None = None) -> Iterator[str]:
     ``limit_rate`` caps each connection (bytes/s), like a CDN. nginx's workers run
     unprivileged: the files are made world-readable. ``FileNotFoundError`` without nginx.
     """
-    binary = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
+    binary = _nginx_binary()
     if binary is None:
         raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx-light)")
     root = Path(root).resolve()
@@ -433,6 +443,25 @@ def nginx(root: Path, *, limit_rate: int | None = None) -> Iterator[str]:
                 proc.wait()
             if proc.stderr:
                 proc.stderr.close()
+
+
+@contextlib.contextmanager
+def http_origin(root: Path, *, prefer_nginx: bool = True) -> Iterator[str]:
+    """Serve the files under ``root`` over HTTP on 127.0.0.1; yields the base URL.
+
+    nginx when installed (not the bottleneck), else modelcache's test :class:`ModelServer`.
+    """
+    if prefer_nginx and _nginx_binary():
+        with nginx(root) as url:
+            yield url
+        return
+    from modelcache.testing import ModelServer
+
+    with ModelServer() as server:
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                server.add(path.relative_to(root).as_posix(), path)
+        yield server.url
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -499,7 +528,7 @@ def machine() -> dict[str, str]:
         "modelcache": _version("modelcache") or "not installed",
     }
     curl = shutil.which("curl")
-    nginx_bin = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
+    nginx_bin = _nginx_binary()
     for dist in PEERS:
         v = _version(dist)
         if v:
@@ -517,3 +546,62 @@ def machine() -> dict[str, str]:
                 if text:
                     info[tool] = text[0].split(" (")[0].replace("nginx version: ", "")
     return info
+
+
+# -- a Linear-heavy model -----------------------------------------------------------------------
+
+NET_CODE = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+"""
+"""Source of ``Net(width, layers)``: the module a checkpoint of :func:`write_checkpoint` fills."""
+
+
+def checkpoint_shape(size_bytes: int) -> tuple[int, int]:
+    """``(width, layers)`` of a stack of square float32 Linear layers of about ``size_bytes``."""
+    width = max(16, min(1024, int((size_bytes / 4) ** 0.5)))
+    layers = max(1, round(size_bytes / ((width * width + width) * 4)))
+    return width, layers
+
+
+def write_checkpoint(path: Path, size_bytes: int, *, seed: int = 0) -> tuple[int, int]:
+    """Write a ``Net`` state dict of about ``size_bytes`` (``.pt`` or ``.safetensors`` by suffix).
+
+    Returns ``(width, layers)``; build the module with ``Net(width, layers)`` from
+    :data:`NET_CODE`. The tensors are random (incompressible), written in a child process so the
+    caller never imports torch.
+    """
+    width, layers = checkpoint_shape(size_bytes)
+    code = (
+        "import sys, torch\n"
+        "w, n, seed, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
+        "g = torch.Generator().manual_seed(seed)\n"
+        "sd = {}\n"
+        "for i in range(n):\n"
+        "    sd[f'layers.{i}.weight'] = torch.randn(w, w, generator=g)\n"
+        "    sd[f'layers.{i}.bias'] = torch.randn(w, generator=g)\n"
+        "if path.endswith('.safetensors'):\n"
+        "    from safetensors.torch import save_file\n"
+        "    save_file(sd, path)\n"
+        "else:\n"
+        "    torch.save(sd, path)\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(python(code, str(width), str(layers), str(seed), str(path)), check=True)
+    return width, layers
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
