@@ -13,6 +13,7 @@ TORCH = "torch==2.13.0"  # pinned and installed first: an unpinned torch pulls a
 def install(session: nox.Session, extras: str = "dev") -> None:
     session.install(TORCH)
     session.install("-e", f".[{extras}]")
+    session.install("--no-deps", "openai-whisper==20250625")  # without triton (~1 GB)
 
 
 @nox.session

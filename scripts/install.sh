@@ -10,3 +10,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# openai-whisper without its triton requirement (its other dependencies are in the dev extra)
+.venv/bin/python -m pip install -q --no-deps "openai-whisper==20250625"
