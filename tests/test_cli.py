@@ -730,3 +730,52 @@ def test_an_unwritable_cache_is_a_clear_failure(
     assert result.returncode == 1
     assert result.stderr.startswith("modelcache: error: ")
     assert "Traceback" not in result.stderr
+
+
+# -- mirror ---------------------------------------------------------------------------------
+
+
+def test_mirror_copies_a_model_to_a_volume_with_its_sha256(
+    home: Path, tmp_path: Path, serve: Callable[..., tuple[str, bytes]], model_server: ModelServer
+) -> None:
+    url, payload = serve("sharp.pt", MiB)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    result = ok(modelcache("mirror", url, f"{volume}/", "--cache", home))
+    copy = volume / "sharp.pt"
+    assert Path(result.stdout.strip()) == copy
+    assert copy.read_bytes() == payload
+    assert (volume / "sharp.pt.sha256").read_text().split()[0] == sha(payload)
+    assert "1 of 1 file copied" in result.stderr
+    assert sha(payload) in result.stderr
+    assert [e["source"] for e in entries(home)] == [url]  # it passed through --cache
+
+    model_server.reset_counts()
+    again = json.loads(ok(modelcache("mirror", url, copy, "--cache", home, "--json")).stdout)
+    assert again["copied"] == 0
+    assert again["sha256"] == sha(payload)
+    assert again["size"] == MiB
+    assert model_server.requests == {}
+
+    from_local = tmp_path / "elsewhere.pt"
+    ok(
+        modelcache(
+            "mirror", f"file://{copy}", from_local, "--sha256", sha(payload), "--cache", home
+        )
+    )
+    assert from_local.read_bytes() == payload
+
+
+def test_mirror_failures_copy_nothing(
+    home: Path, tmp_path: Path, serve: Callable[..., tuple[str, bytes]]
+) -> None:
+    url, _ = serve("m.bin")
+    dest = tmp_path / "copy.bin"
+    wrong = modelcache("mirror", url, dest, "--sha256", "0" * 64, "--cache", home)
+    assert wrong.returncode == 1
+    assert "sha256 mismatch" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    missing = modelcache("mirror", url.replace("m.bin", "gone.bin"), dest, "--cache", home)
+    assert missing.returncode == 1
+    assert "gone.bin" in missing.stderr
+    assert not dest.exists()

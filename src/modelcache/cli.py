@@ -457,6 +457,8 @@ def _cmd_mirror(args: argparse.Namespace, out: Output) -> int:
         from .mirror import mirror
     except ImportError as error:
         raise Failure(f"mirror is not available in this installation: {error}") from None
+    if args.cache is not None:
+        os.environ["MODELCACHE_HOME"] = str(args.cache)  # the cache the model passes through
     started = time.monotonic()
     try:
         result = mirror(
@@ -473,14 +475,16 @@ def _cmd_mirror(args: argparse.Namespace, out: Output) -> int:
     if args.json:
         out.json(data)
         return 0
-    if isinstance(data, dict):
-        where = data.get("dest") or data.get("url") or data.get("path") or args.dest
-        out.result(str(where))
-        details = [f"{k} {v}" for k, v in data.items() if k in ("size", "sha256") and v]
-        out.note(f"mirrored in {seconds:.1f}s" + (f" ({', '.join(details)})" if details else ""))
-    else:
-        out.result(str(data if data is not None else args.dest))
-        out.note(f"mirrored in {seconds:.1f}s")
+    if not isinstance(data, dict):
+        data = {"dest": str(data if data is not None else args.dest)}
+    out.result(str(data.get("dest") or args.dest))
+    details = [format_size(data["size"])] if isinstance(data.get("size"), int) else []
+    if isinstance(data.get("files"), int) and isinstance(data.get("copied"), int):
+        details.append(f"{data['copied']} of {_plural(data['files'], 'file', 'files')} copied")
+    if data.get("sha256"):
+        details.append(f"sha256 {data['sha256']}")
+    suffix = f" ({', '.join(details)})" if details else ""
+    out.note(f"mirrored {data.get('source') or args.source} in {seconds:.1f}s{suffix}")
     return 0
 
 

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from modelcache.integrations.fastapi import lifespan, router
+from modelcache.integrations.fastapi import lifespan, model, router
 
 from .models import registry
 
 app = FastAPI(lifespan=lifespan(registry))
-app.include_router(router(registry))
+app.include_router(router(registry))  # /health, /ready, /models, POST /models/{name}/load
+
+
+#: the loaded classifier, or a 503 with its status while it is not ready
+Classifier = Annotated[dict[str, Any], Depends(model(registry, "classifier"))]
 
 
 @app.get("/classifier")
-def classifier() -> dict[str, Any]:
+async def classifier(weights: Classifier) -> dict[str, Any]:
     """What the classifier holds (a real service would run it on the request's input)."""
-    weights = registry["classifier"].get()
     return {"tensors": len(weights), "parameters": sum(t.numel() for t in weights.values())}
