@@ -1,0 +1,39 @@
+"""The Hugging Face Hub (seed 000 option 5, seed 001): one file, or a whole repo, from ``hf://``.
+
+    python examples/howto/huggingface.py
+
+Private or gated repos: set ``HF_TOKEN`` (or ``storage_options={"hf": {"token": ...}}``); it
+never appears in logs, errors or ``status()``. ``HF_ENDPOINT`` points at a Hub mirror.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modelcache import ModelHandle, Registry
+
+# Pin a commit hash in production: a warm start then needs no network at all. A branch
+# ("main") or a tag is resolved once, when the entry is made, and recorded.
+REVISION = os.environ.get("MINILM_REVISION", "main")
+
+# One file of a repo (what hf_hub_download(repo_id, filename) gives), loaded as a state dict.
+minilm = ModelHandle(
+    "minilm",
+    source=f"hf://sentence-transformers/all-MiniLM-L6-v2@{REVISION}/model.safetensors",
+)
+
+# A whole repo, only the files you need (seed 001's `huggingface-cli download --local-dir`):
+# one cache entry, every file verified, published as a whole. The loader gets the directory.
+minilm_repo = ModelHandle(
+    "minilm-repo",
+    source=f"hf://sentence-transformers/all-MiniLM-L6-v2@{REVISION}?include=*.json,*.safetensors",
+    loader=lambda directory: sorted(p.name for p in Path(directory).iterdir()),
+)
+
+models = Registry([minilm, minilm_repo])
+
+if __name__ == "__main__":
+    models.start()
+    print(f"minilm: {len(minilm.get())} tensors")
+    print(f"minilm-repo: {', '.join(minilm_repo.get())}")
