@@ -29,6 +29,7 @@ from .handle import ModelHandle
 __all__ = [
     "SHARP_URL",
     "WHISPER_MODELS",
+    "adopt",
     "build_whisper",
     "sharp",
     "sharp_loader",
@@ -171,22 +172,16 @@ def build_whisper(
 
     dims = ModelDimensions(**checkpoint["dims"])
     state = {key: value.float() for key, value in checkpoint["model_state_dict"].items()}
-    with _ParametersOnMeta():
-        model = Whisper(dims)
-    model.load_state_dict(state, strict=True, assign=True)
+
+    def fix_buffers(model: Any) -> None:  # the causal mask starts from torch.empty
+        n_ctx = dims.n_text_ctx
+        mask = torch.empty(n_ctx, n_ctx).fill_(-math.inf).triu_(1)
+        model.decoder.register_buffer("mask", mask, persistent=False)
+
+    model = adopt(lambda: Whisper(dims), state, fix=fix_buffers)
     del state
-    n_ctx = dims.n_text_ctx  # the causal mask starts from torch.empty: computed here
-    mask = torch.empty(n_ctx, n_ctx).fill_(-math.inf).triu_(1)
-    model.decoder.register_buffer("mask", mask, persistent=False)
     if alignment_heads is not None:
         _set_alignment_heads(model, alignment_heads)
-    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftovers:  # a future Whisper with another such buffer: load as whisper.load_model does
-        log.debug("whisper: %s left on meta; building the model on the CPU", leftovers)
-        model = Whisper(dims)
-        model.load_state_dict(checkpoint["model_state_dict"])
-        if alignment_heads is not None:
-            _set_alignment_heads(model, alignment_heads)
     return model.to(device).eval()
 
 
@@ -267,8 +262,8 @@ def sharp_loader(*, device: str = "cpu", predictor: bool | None = None) -> Loade
     ``predictor=None`` (default): ml-sharp's ``RGBGaussianPredictor`` in eval mode when
     ``sharp.models.create_predictor`` is importable, else the state dict (memory-mapped,
     ``weights_only=True``). ``True`` requires ml-sharp; ``False`` always returns the state dict.
-    The predictor is built on the meta device and adopts the mapped tensors, so the 2.8 GB of
-    weights are not held twice.
+    The predictor's parameters are created on the meta device and adopt the mapped tensors
+    (:func:`adopt`), so the 2.8 GB of weights are not held twice.
     """
 
     def load(path: Path) -> Any:
@@ -283,7 +278,7 @@ def sharp_loader(*, device: str = "cpu", predictor: bool | None = None) -> Loade
                 )
             return load_torch(Path(path), device)
         state = load_torch(Path(path), "cpu")
-        return _fill(factory, state).eval().to(device)
+        return adopt(factory, state).eval().to(device)
 
     return load
 
@@ -304,15 +299,39 @@ def _sharp_factory() -> Callable[[], Any] | None:
     return factory
 
 
-def _fill(factory: Callable[[], Any], state: Mapping[str, Any]) -> Any:
-    """Build on the meta device and adopt ``state``; if the constructor cannot run on meta,
-    build normally and copy (as ml-sharp's own CLI does)."""
-    from .loaders import build_on_meta
+def adopt(
+    factory: Callable[[], Any],
+    state: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    fix: Callable[[Any], None] | None = None,
+) -> Any:
+    """``factory()`` filled with ``state``'s tensors without holding the weights twice.
 
+    The module's parameters are created on the meta device (see :class:`_ParametersOnMeta`)
+    and adopt ``state``'s (memory-mapped) tensors with ``load_state_dict(assign=True)``.
+    ``fix(module)`` may then give real values to buffers left on meta. If the constructor
+    cannot run that way, or some tensor stays on meta, the module is built normally and
+    ``state`` copied into it (what ``whisper.load_model`` and ml-sharp's CLI do).
+    """
     try:
-        return build_on_meta(factory, state)
-    except NotImplementedError as error:  # an operation without a meta kernel
-        log.debug("building on the meta device failed (%s); building on the CPU", error)
-        module = factory()
-        module.load_state_dict(state)
-        return module
+        with _ParametersOnMeta():
+            module = factory()
+    except Exception as error:  # an operation that cannot mix meta and real tensors
+        log.debug("building with parameters on meta failed (%s); building normally", error)
+    else:
+        module.load_state_dict(state, strict=strict, assign=True)
+        if fix is not None:
+            fix(module)
+        leftovers = _on_meta(module)
+        if not leftovers:
+            return module
+        log.debug("%s left on the meta device; building the module normally", leftovers[:5])
+    module = factory()
+    module.load_state_dict(state, strict=strict)
+    return module
+
+
+def _on_meta(module: Any) -> list[str]:
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, tensor in tensors if tensor.is_meta]
