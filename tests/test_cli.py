@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import shutil
 import signal
 import struct
@@ -779,3 +780,76 @@ def test_mirror_failures_copy_nothing(
     assert missing.returncode == 1
     assert "gone.bin" in missing.stderr
     assert not dest.exists()
+
+
+# -- the docs page --------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS_ORIGIN = "https://models.example.com/v1"
+
+
+def _blocks(language: str) -> list[str]:
+    text = (ROOT / "docs" / "cli.md").read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def _rebase(command: str, root: Path) -> str:
+    """Absolute paths in a command (``/mnt/models``) moved under ``root``; URLs untouched."""
+    return re.sub(r"(?<![\w:/.])/(?=[A-Za-z])", f"{root}/", command)
+
+
+def test_every_command_of_the_docs_page_runs(tmp_path: Path, model_server: ModelServer) -> None:
+    payloads = {
+        "tagger.pt": (256 * 1024, 1),
+        "classifier.safetensors": (256 * 1024, 2),
+        "embedder.safetensors": (512 * 1024, 3),
+    }
+    for name, (size, seed) in payloads.items():
+        model_server.add(f"v1/{name}", make_payload(size, seed))
+    origin = f"{model_server.url}/v1"
+    context = tmp_path / "srv"
+    shutil.copytree(
+        ROOT / "examples" / "docker", context, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    env = {
+        **os.environ,
+        "MODELCACHE_HOME": str(tmp_path / "home"),
+        "MODEL_ORIGIN": origin,
+        "PATH": f"{SCRIPT.parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    commands = [
+        line[2:]
+        for block in _blocks("console")
+        for line in block.splitlines()
+        if line.startswith("$ ")
+    ]
+    assert len(commands) >= 10
+    for command in commands:
+        runnable = _rebase(command.replace(DOCS_ORIGIN, origin), tmp_path / "fs")
+        result = subprocess.run(
+            ["sh", "-c", runnable],
+            cwd=context,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"$ {command}\n{result.stdout}\n{result.stderr}"
+    assert (tmp_path / "fs" / "mnt" / "models" / "tagger.pt").is_file()
+
+
+def test_the_docs_page_quotes_the_docker_example_as_it_is() -> None:
+    quoted = {
+        "dockerfile": (ROOT / "examples" / "docker" / "Dockerfile").read_text(),
+        "python": (ROOT / "examples" / "docker" / "app" / "models.py").read_text(),
+    }
+    for language, source in quoted.items():
+        blocks = _blocks(language)
+        assert blocks
+        for block in blocks:
+            for line in block.splitlines():
+                if line.strip() and not line.startswith("#"):
+                    assert line in source.splitlines(), (
+                        f"{language}: {line!r} is not in the example"
+                    )
