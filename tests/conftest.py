@@ -164,3 +164,35 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     yield start
     for worker in workers:
         worker.kill()
+
+
+# -- the docs ------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+EXAMPLE_HOST = "https://models.example.com"
+
+
+def code_blocks(page: str, language: str) -> list[str]:
+    """The fenced blocks of ``docs/<page>`` in ``language``, in order."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in (DOCS / page).read_text().splitlines():
+        if current is None and line.strip() == f"```{language}":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def run_python_blocks(page: str, origin: str) -> dict[str, Any]:
+    """Run every python block of the page in order, in one namespace, against ``origin``."""
+    blocks = code_blocks(page, "python")
+    assert blocks, f"{page} has no python blocks"
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    for n, block in enumerate(blocks):
+        code = block.replace(EXAMPLE_HOST, origin)
+        exec(compile(code, f"docs/{page}[block {n}]", "exec"), namespace)
+    return namespace

@@ -15,7 +15,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import FAST, MiB, make_payload, part_frontier, sha, wait_for
+from conftest import (
+    FAST,
+    MiB,
+    code_blocks,
+    make_payload,
+    part_frontier,
+    run_python_blocks,
+    sha,
+    wait_for,
+)
 
 from modelcache import (
     Cache,
@@ -790,3 +799,100 @@ def test_transfer_options_are_validated() -> None:
         TransferOptions(connections=0)
     with pytest.raises(ValueError, match="retries"):
         TransferOptions(retries=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration from the environment
+
+
+def test_environment_is_read_when_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = Cache()
+    monkeypatch.setenv("MODELCACHE_HOME", str(tmp_path / "one"))
+    assert cache.path == tmp_path / "one"
+    monkeypatch.setenv("MODELCACHE_HOME", str(tmp_path / "two"))
+    assert cache.path == tmp_path / "two"
+    monkeypatch.setenv("MODELCACHE_HOME", "")  # empty counts as unset
+    assert cache.path.name == "modelcache"
+    assert Cache(offline=None).offline is False
+    monkeypatch.setenv("MODELCACHE_OFFLINE", "yes")
+    assert cache.offline is True
+    assert Cache(offline=False).offline is False
+
+
+def test_a_bad_switch_value_names_the_variable(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELCACHE_OFFLINE", "maybe")
+    with pytest.raises(ValueError, match="MODELCACHE_OFFLINE"):
+        Cache().fetch("https://models.example.com/x.bin")
+
+
+def test_progress_bar_can_be_forced_on(
+    cache: Cache,
+    model_server: ModelServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = make_payload(MiB)
+    url = model_server.add("bar.bin", data)
+    monkeypatch.setenv("MODELCACHE_PROGRESS", "1")
+    seen: list[int] = []
+    cache.fetch(url, progress=lambda done, total: seen.append(done))
+    assert seen[-1] == len(data)  # the callback still runs beside the bar
+    assert "bar.bin" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the docs pages
+
+
+def _serve_docs_examples(server: ModelServer) -> None:
+    server.add("tiny.safetensors", make_payload(65_640, 7))
+
+
+def test_docs_cache_page_examples_run(
+    model_server: ModelServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _serve_docs_examples(model_server)
+    monkeypatch.chdir(tmp_path)
+    namespace = run_python_blocks("cache.md", model_server.url)
+    assert isinstance(namespace["evicted"], list)
+    assert (tmp_path / "image-layer").is_dir()
+    assert not list((tmp_path / "empty-cache").glob("*/meta.json"))
+
+
+def test_docs_cache_page_describes_the_real_layout(cache: Cache, model_server: ModelServer) -> None:
+    url = model_server.add("tiny.safetensors", make_payload(1000))
+    path = cache.fetch(url)
+    (example,) = code_blocks("cache.md", "json")
+    documented = json.loads(example)
+    real = json.loads((path.parent / "meta.json").read_text())
+    assert set(documented) == set(real)
+    assert set(documented["files"][0]) == set(real["files"][0])
+    (layout,) = code_blocks("cache.md", "text")
+    for name in (".locks", ".tmp"):
+        assert (cache.path / name).is_dir()
+        assert name in layout
+
+
+def test_docs_transfer_options_table_shows_the_defaults() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cache.md").read_text()
+    defaults = TransferOptions()
+    documented = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and hasattr(defaults, cells[0][1:-1]):
+            documented[cells[0][1:-1]] = cells[1]
+    assert documented == {name: str(value) for name, value in vars(defaults).items()}
+
+
+def test_docs_environment_page_lists_every_variable_and_its_example_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "environment.md").read_text()
+    for name in ("HOME", "READ_ONLY_PATHS", "OFFLINE", "STRATEGY", "QUANTIZE", "PROGRESS"):
+        assert f"| `MODELCACHE_{name}` |" in text
+    for name in ("MODELCACHE_HOME", "MODELCACHE_READ_ONLY_PATHS", "MODELCACHE_OFFLINE"):
+        monkeypatch.setenv(name, "")  # restored after the test; the example sets them
+    namespace = run_python_blocks("environment.md", "unused")
+    assert namespace["cache"].path == Path("/srv/models")

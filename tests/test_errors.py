@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
+from conftest import run_python_blocks
 
 import modelcache
 from modelcache import (
+    Cache,
     InsufficientSpaceError,
     IntegrityError,
     LoadError,
@@ -17,6 +20,7 @@ from modelcache import (
     NotReadyError,
     SourceError,
 )
+from modelcache.testing import ModelServer
 
 ALL = [
     SourceError,
@@ -86,3 +90,24 @@ def test_errors_are_importable_from_one_place() -> None:
     for cls in [ModelCacheError, *ALL]:
         assert getattr(modelcache, cls.__name__) is cls
         assert cls.__module__ == "modelcache.errors"
+
+
+def test_docs_errors_page_example_runs(
+    model_server: ModelServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace = run_python_blocks("errors.md", model_server.url)
+    assert isinstance(namespace["cache"], Cache)
+    out = capsys.readouterr().out
+    assert "whisper-tiny" in out
+    assert "404" in out
+
+
+def test_docs_errors_page_lists_the_whole_hierarchy() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    for cls in [ModelCacheError, *ALL]:
+        assert cls.__name__ in text
+        assert f"`{cls.__name__}`\n:" in text or cls is ModelCacheError

@@ -415,7 +415,7 @@ class Cache:
             unit_divisor=1024,
             desc=source.name,
             leave=False,
-            disable=None,
+            disable=False,
         )
 
         def report(done: int, total: int | None) -> None:
