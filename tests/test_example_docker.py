@@ -209,14 +209,12 @@ def test_the_dockerfile_preloads_at_build_and_serves_offline_from_the_image(
         assert server.poll() is None, server.communicate()
         status, body = _get(f"http://127.0.0.1:{port}/ready")
         assert status == 200
-        for name in MODELS:
-            wait_for(
-                lambda n=name: (
-                    _get(f"http://127.0.0.1:{port}/models")[1]["models"][n]["state"] == "ready"
-                ),
-                timeout=30,
-                what=f"{name} ready",
-            )
+
+        def all_ready() -> bool:
+            states = _get(f"http://127.0.0.1:{port}/models")[1]["models"]
+            return all(states[name]["state"] == "ready" for name in MODELS)
+
+        wait_for(all_ready, timeout=30, what="every model ready")
         models = _get(f"http://127.0.0.1:{port}/models")[1]["models"]
         assert {n: (m["state"], m["cache_hit"]) for n, m in models.items()} == {
             n: ("ready", True) for n in MODELS
