@@ -110,4 +110,4 @@ def test_docs_errors_page_lists_the_whole_hierarchy() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
     for cls in [ModelCacheError, *ALL]:
         assert cls.__name__ in text
-        assert f"`{cls.__name__}`\n:" in text or cls is ModelCacheError
+        assert f"### `{cls.__name__}`" in text or cls is ModelCacheError
