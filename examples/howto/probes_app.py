@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
 
@@ -44,13 +44,19 @@ app = FastAPI(lifespan=lifespan(models))
 app.include_router(router(models))
 
 
+#: The loaded model, handed to a route; 503 with the model's status while it is not ready.
+Music = Annotated[Any, Depends(model(models, "music"))]
+#: The on-demand model: the first request loads it and waits (timeout=None).
+Vocals = Annotated[Any, Depends(model(models, "vocals", timeout=None))]
+
+
 @app.post("/predict")
-async def predict(weights: Any = Depends(model(models, "music"))) -> dict[str, int]:
+async def predict(weights: Music) -> dict[str, int]:
     """Answers 503 with the model's status (and Retry-After) while it is still loading."""
     return {"tensors": len(weights)}
 
 
 @app.post("/separate")
-async def separate(weights: Any = Depends(model(models, "vocals", timeout=None))) -> dict[str, int]:
+async def separate(weights: Vocals) -> dict[str, int]:
     """The first call loads the on-demand model and waits for it; later calls are immediate."""
     return {"tensors": len(weights)}
