@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import config
+from . import config, tree
 from .errors import (
     InsufficientSpaceError,
     IntegrityError,
@@ -254,6 +254,8 @@ class Cache:
                         "not in the cache and offline mode is on", model=model, source=src.redacted
                     )
                 with self._progress_bar(src, progress) as report:
+                    if tree.handles(src):  # object stores, the Hub, remote directories
+                        return tree.fetch_remote(self, src, digest, report, model, cancel, refresh)
                     return self._download(src, digest, report, model, cancel, refresh)
             except (SourceError, IntegrityError, NotCachedError) as error:
                 attempts.append((src.redacted, error.reason))
@@ -310,7 +312,10 @@ class Cache:
                 continue
             entry_dir = root / key
             if not read_only:
-                self._lease(key)
+                # an entry evicted meanwhile is a miss: the lease is taken, then looked at again
+                if not self._lease(key) or not (entry_dir / _META).exists():
+                    self.release(key)
+                    continue
                 with contextlib.suppress(OSError):
                     os.utime(entry_dir / _META)
             return Fetched(
@@ -610,8 +615,14 @@ class Cache:
         kind: str,
         *,
         replace: bool = False,
+        extra: Mapping[str, Any] | None = None,
+        sha256: str | None = None,
     ) -> Fetched:
-        """Move finished parts into a staging directory, write metadata, rename it into place."""
+        """Move finished parts into a staging directory, write metadata, rename it into place.
+
+        ``extra``: more metadata fields (a Hub revision); ``sha256``: the entry's digest when
+        the caller computed it (a directory's manifest digest, see ``tree.py``).
+        """
         staging = self._dir(".tmp") / f"{key}.{_unique()}.d"
         staging.mkdir()
         for relative, part in parts.items():
@@ -623,7 +634,7 @@ class Cache:
         for record in files:
             record["stamp"] = _stamp(staging / record["path"])
         total = sum(record["size"] for record in files)
-        digest = files[0]["sha256"] if kind == "file" else _manifest_digest(files)
+        digest = sha256 or (files[0]["sha256"] if kind == "file" else _manifest_digest(files))
         name = source.name
         meta = {
             "format": _FORMAT,
@@ -636,6 +647,7 @@ class Cache:
             "etag": etag,
             "created": _now_iso(),
             "files": files,
+            **(extra or {}),
         }
         _write_meta(staging, meta)
         final = self.path / key
@@ -704,22 +716,27 @@ class Cache:
     _leases: dict[str, int] = {}
     _leases_lock = threading.Lock()
 
-    def _lease(self, key: str) -> None:
-        """Mark the entry as used by this process (shared lock, held until :meth:`release`)."""
+    def _lease(self, key: str) -> bool:
+        """Mark the entry as used by this process (shared lock, held until :meth:`release`).
+
+        False when the entry is being evicted right now; True otherwise (also when the cache
+        directory cannot hold lock files, where eviction cannot be coordinated anyway).
+        """
         lease_path = str(self.path / ".locks" / f"{key}.use")
         with Cache._leases_lock:
             if lease_path in Cache._leases:
-                return
+                return True
             try:
                 fd = os.open(lease_path, os.O_RDWR | os.O_CREAT, 0o664)
             except OSError:
-                return
+                return True
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                os.close(fd)  # being evicted right now; the caller re-checks the entry
-                return
+                os.close(fd)
+                return False
             Cache._leases[lease_path] = fd
+            return True
 
     def release(self, key: str) -> None:
         """Let :meth:`prune` evict the entry again (this process no longer uses it)."""

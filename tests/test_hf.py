@@ -1,0 +1,228 @@
+"""hf:// sources: the real huggingface_hub client against a Hub stand-in on 127.0.0.1.
+
+The stand-in serves the Hub's routes and headers (repo info with LFS metadata, the tree, resolve
+with X-Repo-Commit / X-Linked-Etag / X-Linked-Size and a redirect to a CDN with Range support).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MiB, make_payload, sha
+from servers.hub import HubStandIn
+
+from modelcache import Cache, IntegrityError, NotCachedError, SourceError
+
+WHISPER = {
+    "config.json": b'{"alignment_heads": [[2, 2]], "lang_ids": [50259]}',
+    "model.bin": make_payload(2 * MiB + 11, seed=7),
+    "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}' * 40,
+    "vocabulary.txt": b"<|endoftext|>\nhello\n",
+    "README.md": b"# faster-whisper tiny\n",
+    ".gitattributes": b"*.bin filter=lfs diff=lfs merge=lfs -text\n",
+}
+
+pytest_plugins = ["servers.fixtures"]
+
+
+def resolves(name: str) -> object:
+    return lambda method, path: "/resolve/" in path and path.endswith("/" + name)
+
+
+def meta_of(path: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((path.parent / "meta.json").read_text())
+    return data
+
+
+def test_file_at_a_branch_records_the_commit_and_then_needs_no_network(
+    cache: Cache, hub: HubStandIn
+) -> None:
+    commit = hub.push("Systran/faster-whisper-tiny", WHISPER)
+
+    got = cache.fetch_details("hf://Systran/faster-whisper-tiny/model.bin")
+
+    assert got.path.name == "model.bin"
+    assert got.path.read_bytes() == WHISPER["model.bin"]
+    assert meta_of(got.path)["revision"] == {"requested": None, "commit": commit}
+    hub.clear()
+    assert cache.fetch_details("hf://Systran/faster-whisper-tiny/model.bin").cache_hit
+    assert hub.requests == []
+
+
+def test_pinned_commit_starts_warm_with_the_hub_gone(modelcache_home: Path) -> None:
+    with HubStandIn() as stand_in:
+        commit = stand_in.push("org/sharp", {"sharp.pt": make_payload(MiB)})
+        url = f"hf://org/sharp@{commit}/sharp.pt"
+        Cache().fetch(url, storage_options={"hf": {"endpoint": stand_in.url}})
+    # the Hub is gone: a pinned commit already cached must not even try to connect
+    got = Cache().fetch_details(url, storage_options={"hf": {"endpoint": stand_in.url}})
+    assert got.cache_hit
+    assert got.path.read_bytes() == make_payload(MiB)
+
+
+def test_a_branch_is_resolved_once_until_refreshed(cache: Cache, hub: HubStandIn) -> None:
+    first = hub.push("org/m", {"w.bin": b"version one" * 200})
+    url = "hf://org/m@main/w.bin"
+    assert cache.fetch(url).read_bytes() == b"version one" * 200
+
+    second = hub.push("org/m", {"w.bin": b"version two" * 200})
+    hub.clear()
+    kept = cache.fetch_details(url)
+    assert kept.cache_hit
+    assert kept.path.read_bytes() == b"version one" * 200
+    assert hub.requests == []
+
+    fresh = cache.fetch_details(url, refresh=True)
+    assert fresh.path.read_bytes() == b"version two" * 200
+    assert meta_of(fresh.path)["revision"] == {"requested": "main", "commit": second}
+    assert first != second
+
+
+def test_offline_uses_the_recorded_commit(cache: Cache, hub: HubStandIn) -> None:
+    hub.push("org/m", {"w.bin": b"weights" * 300})
+    cache.fetch("hf://org/m/w.bin")
+    hub.push("org/m", {"w.bin": b"newer" * 300})
+    hub.clear()
+
+    offline = Cache(cache.path, read_only_paths=[], offline=True)
+    assert offline.fetch("hf://org/m/w.bin").read_bytes() == b"weights" * 300
+    with pytest.raises(NotCachedError, match=re.escape("modelcache fetch hf://org/m/other.bin")):
+        offline.fetch("hf://org/m/other.bin")
+    assert hub.requests == []
+
+
+def test_hf_hub_offline_is_honoured(
+    cache: Cache, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.push("org/m", {"w.bin": b"weights"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NotCachedError, match="HF_HUB_OFFLINE"):
+        cache.fetch("hf://org/m/w.bin", model="m")
+    assert hub.count(lambda m, p: "/org/m" in p) == 0
+
+
+def test_whole_repo_with_allow_patterns_is_one_directory_entry(
+    cache: Cache, hub: HubStandIn
+) -> None:
+    hub.push("Systran/faster-whisper-tiny", WHISPER)
+    url = (
+        "hf://Systran/faster-whisper-tiny?include=config.json,model.bin,tokenizer.json,vocabulary.*"
+    )
+
+    got = cache.fetch_details(url)
+
+    assert got.path.is_dir()
+    assert got.path.name == "faster-whisper-tiny"
+    wanted = ["config.json", "model.bin", "tokenizer.json", "vocabulary.txt"]
+    assert sorted(p.name for p in got.path.iterdir()) == wanted
+    for name in wanted:
+        assert (got.path / name).read_bytes() == WHISPER[name]
+    records = {r["path"]: r["sha256"] for r in meta_of(got.path)["files"]}  # type: ignore[attr-defined]
+    assert records == {f"faster-whisper-tiny/{n}": sha(WHISPER[n]) for n in wanted}
+    assert not any(resolves(n)(m, p) for m, p in hub.requests for n in ("README.md",))
+
+
+def test_subfolder_of_a_repo(cache: Cache, hub: HubStandIn) -> None:
+    hub.push(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        {
+            "model.safetensors": make_payload(4000),
+            "1_Pooling/config.json": b'{"word_embedding_dimension": 384}',
+        },
+    )
+    got = cache.fetch("hf://sentence-transformers/all-MiniLM-L6-v2/1_Pooling/")
+    assert got.name == "1_Pooling"
+    assert [p.name for p in got.iterdir()] == ["config.json"]
+
+
+def test_dataset_repos_and_tags(cache: Cache, hub: HubStandIn) -> None:
+    commit = hub.push("org/calib", {"data/calib.bin": b"calibration" * 100}, repo_type="dataset")
+    hub.tag("org/calib", "v1.0", commit, repo_type="dataset")
+    got = cache.fetch_details("hf://datasets/org/calib@v1.0/data/calib.bin")
+    assert got.path.read_bytes() == b"calibration" * 100
+    assert meta_of(got.path)["revision"] == {"requested": "v1.0", "commit": commit}
+
+
+def test_lfs_sha256_from_the_hub_is_checked(cache: Cache, hub: HubStandIn) -> None:
+    data = make_payload(MiB, seed=3)
+    hub.push("org/m", {"model.bin": data})
+    hub.tamper(hashlib.sha256(data).hexdigest(), make_payload(MiB, seed=4))
+
+    with pytest.raises(IntegrityError, match="the store says " + sha(data)):
+        cache.fetch("hf://org/m/model.bin", model="m")
+    assert cache.entries() == []
+
+
+def test_small_files_are_checked_against_their_git_blob_id(cache: Cache, hub: HubStandIn) -> None:
+    hub.push("org/m", {"config.json": b'{"a": 1}'})
+    hub.tamper_small("org/m", "config.json", b'{"a": 2}')
+
+    with pytest.raises(IntegrityError, match="git blob id"):
+        cache.fetch("hf://org/m?include=config.json")
+    assert cache.entries() == []
+
+
+def test_private_repo_needs_a_token_which_never_leaks(cache: Cache, hub: HubStandIn) -> None:
+    token = "hf_privateTokenValue123456"
+    hub.push("org/private", {"w.bin": make_payload(3000)}, token=token)
+
+    with pytest.raises(SourceError) as caught:
+        cache.fetch("hf://org/private/w.bin", model="m")
+    assert "token" in str(caught.value)
+    assert caught.value.status in (401, 404)
+
+    got = cache.fetch("hf://org/private/w.bin", storage_options={"hf": {"token": token}})
+    assert got.read_bytes() == make_payload(3000)
+    assert token not in (got.parent / "meta.json").read_text()
+
+
+def test_token_from_hf_token_variable(
+    cache: Cache, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.push("org/private", {"w.bin": b"w" * 2000}, token="hf_fromTheEnvironment")
+    monkeypatch.setenv("HF_TOKEN", "hf_fromTheEnvironment")
+    assert cache.fetch("hf://org/private/w.bin").read_bytes() == b"w" * 2000
+
+
+def test_missing_file_and_revision_are_source_errors(cache: Cache, hub: HubStandIn) -> None:
+    hub.push("org/m", {"w.bin": b"w"})
+    with pytest.raises(SourceError, match=re.escape("'nope.bin' not found")) as missing:
+        cache.fetch("hf://org/m/nope.bin", model="m")
+    assert missing.value.status == 404
+    with pytest.raises(SourceError) as revision:
+        cache.fetch("hf://org/m@no-such-branch/w.bin")
+    assert revision.value.status == 404
+
+
+def test_503_and_cut_connections_are_retried_and_resumed(cache: Cache, hub: HubStandIn) -> None:
+    data = make_payload(3 * MiB, seed=5)
+    hub.push("org/m", {"model.bin": data})
+    hub.fail(times=2, status=503, match=lambda m, p: p.startswith("/api/"))
+    hub.fail(times=1, status=502, match=resolves("model.bin"))
+    hub.cut(after=MiB, times=2, match=lambda m, p: p.startswith("/lfs/"))
+
+    started = time.monotonic()
+    got = cache.fetch("hf://org/m/model.bin", sha(data))
+
+    assert got.read_bytes() == data
+    assert time.monotonic() - started < 20
+    assert hub.count(lambda m, p: p.startswith("/lfs/")) == 3
+
+
+def test_stand_in_is_faithful_to_huggingface_hub(hub: HubStandIn, tmp_path: Path) -> None:
+    """huggingface_hub's own download and listing work against the stand-in."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    hub.push("Systran/faster-whisper-tiny", WHISPER)
+    for name in ("model.bin", "config.json"):
+        path = hf_hub_download(
+            "Systran/faster-whisper-tiny", name, cache_dir=tmp_path, endpoint=hub.url
+        )
+        assert Path(path).read_bytes() == WHISPER[name]
+    listed = HfApi(endpoint=hub.url).list_repo_tree("Systran/faster-whisper-tiny", recursive=True)
+    assert sorted(f.path for f in listed) == sorted(WHISPER)
