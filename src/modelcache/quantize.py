@@ -16,6 +16,7 @@ later start replaces the loader's tensors with the cached ones (``torch.load(mma
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -118,11 +119,20 @@ def _quantize_now(model: Any, layers: dict[str, Any], info: dict[str, Any]) -> N
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     started = time.monotonic()
-    targets = set(map(id, layers.values()))
     config = Int8WeightOnlyConfig(version=_CONFIG_VERSION, set_inductor_config=False)
     with torch.no_grad():
-        quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
+        for layer in layers.values():
+            # one layer at a time, handing the scratch memory back to the OS after each:
+            # the peak stays near the float weights plus one layer's temporaries
+            quantize_(layer, config, filter_fn=lambda module, _fqn, layer=layer: module is layer)
+            _trim()
     info["quantize_s"] = round(time.monotonic() - started, 4)
+
+
+def _trim() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _linear_layers(model: Any) -> tuple[dict[str, Any], list[str]]:
@@ -262,6 +272,8 @@ def _quantize_cached(
         info["cache_hit"] = False
         return
     info["cached_load_s"] = round(time.monotonic() - started, 4)
+    if fetched.cache_hit is False:
+        _trim()  # the int8 tensors made here were just replaced by the mapped file's
 
 
 def _save(model: Any, part: Path) -> None:
