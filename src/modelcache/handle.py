@@ -121,6 +121,12 @@ class _Reload:
     def done(self) -> bool:
         return self.state in ("ready", "failed", "cancelled")
 
+    def stop(self) -> None:
+        """Cancel the job unless it has ended (its result, if any, will be dropped)."""
+        if not self.done:
+            self.cancel.set()
+            self.state, self.finished = "cancelled", time.time()
+
     def report(self) -> dict[str, Any]:
         return {
             "state": self.state,
@@ -486,7 +492,10 @@ class ModelHandle:
                     "the attempt ended without a result", model=self.name, source=self.source
                 )
                 self._failed_at = time.monotonic()
-                log.warning("model %s failed: %s", self.name, self._scrub(str(self._error)))
+                if attempt.cancel.is_set():
+                    log.info("model %s: stopped (%s)", self.name, self._scrub(str(self._error)))
+                else:
+                    log.warning("model %s failed: %s", self.name, self._scrub(str(self._error)))
             self._notify()
         if error is None and self.idle_unload:
             self._start_idle_watch()
@@ -665,10 +674,8 @@ class ModelHandle:
                 self._reconfigure(sources, digest)
                 self._begin(retry_now=True)
                 return
-            previous = self._reload
-            if previous is not None and not previous.done:
-                previous.cancel.set()
-                previous.state, previous.finished = "cancelled", time.time()
+            if self._reload is not None:
+                self._reload.stop()
             job = _Reload(
                 sources=sources or list(self._sources),
                 sha256=digest if (sources is not None or digest is not None) else self._sha256,
@@ -746,7 +753,7 @@ class ModelHandle:
             before = _rss()
         del model
         del old
-        freed = _free_memory(before)
+        freed = _free_memory(before, collect=False)  # a full gc would pause the serving threads
         with self._cond:
             self._bytes_freed = freed
         if old_path is not None and old_path != fetched.path:
@@ -761,8 +768,8 @@ class ModelHandle:
         with self._cond:
             if self._attempt is not None and not self._attempt.done:
                 self._attempt.cancel.set()
-            if self._reload is not None and not self._reload.done:
-                self._reload.cancel.set()
+            if self._reload is not None:
+                self._reload.stop()
 
     def _threads(self) -> list[threading.Thread]:
         with self._cond:
@@ -860,10 +867,11 @@ def _rss() -> int | None:
         return None
 
 
-def _free_memory(before: int | None) -> int | None:
+def _free_memory(before: int | None, *, collect: bool = True) -> int | None:
     """Collect garbage and give freed heap back to the OS; the resident bytes released since
     ``before`` (measured while the model was still referenced)."""
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         import ctypes
 

@@ -1,0 +1,301 @@
+"""Loaders: defaults by suffix, mmap, legacy checkpoints, refused pickles, directories, modules."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelcache import Cache, LoadError, ModelHandle
+from modelcache.loaders import (
+    UnsafeCheckpointError,
+    _parameters_on_meta,
+    build_on_meta,
+    default_loader,
+    module_loader,
+)
+from modelcache.testing import ModelServer
+
+MiB = 1 << 20
+
+
+class Net(torch.nn.Module):
+    """Linear layers, a persistent buffer and a non-persistent one computed in ``__init__``."""
+
+    built: list[Net] = []
+
+    def __init__(self, width: int = 64, depth: int = 3) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+        self.norm = torch.nn.BatchNorm1d(width)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, width), persistent=False)
+        Net.built.append(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.norm(x) * self.scale
+
+
+def _reference(width: int = 64, depth: int = 3) -> Net:
+    torch.manual_seed(0)
+    net = Net(width, depth)
+    net.norm.running_mean.uniform_()
+    return net.eval()
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from ``path`` (``/proc/self/maps``)."""
+    target = str(path.resolve())
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == target:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _inside(pointer: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= pointer < end for start, end in ranges)
+
+
+def _handle(source: Any, cache: Cache, **options: Any) -> ModelHandle:
+    return ModelHandle("model", source=source, cache=cache, **options)
+
+
+# -- defaults by suffix ------------------------------------------------------------------------
+
+
+def test_safetensors_over_http_are_mapped_not_copied(
+    model_server: ModelServer, cache: Cache, fake_weights: Callable[..., Path]
+) -> None:
+    path = fake_weights("safetensors", size_bytes=2 * MiB)
+    url = model_server.add("model.safetensors", path)
+    state = _handle(url, cache).get()
+    expected = default_loader(path)
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    cached = Path(cache.lookup(url) or "")
+    ranges = _mapped_ranges(cached)
+    assert ranges
+    assert all(_inside(t.data_ptr(), ranges) for t in state.values())
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+def test_torch_files_load_with_mmap(
+    suffix: str, cache: Cache, fake_weights: Callable[..., Path]
+) -> None:
+    saved = fake_weights("state_dict", size_bytes=1 * MiB)
+    path = saved.with_suffix(suffix)
+    saved.rename(path)
+    state = _handle(path, cache).get()
+    ranges = _mapped_ranges(path)
+    assert ranges
+    assert all(_inside(t.data_ptr(), ranges) for t in state.values())
+    assert state["layers.0.weight"].dtype is torch.float32
+
+
+def test_legacy_non_zip_checkpoints_load(cache: Cache, tmp_path: Path) -> None:
+    state = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(3)}
+    path = tmp_path / "legacy.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    loaded = _handle(path, cache).get()
+    assert torch.equal(loaded["w"], state["w"])
+    assert torch.equal(loaded["b"], state["b"])
+
+
+def test_unknown_suffix_asks_for_a_loader(cache: Cache, tmp_path: Path) -> None:
+    path = tmp_path / "weights.onnx"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(LoadError, match=r"weights\.onnx.*pass loader="):
+        _handle(path, cache).get()
+
+
+# -- pickles that would run code ----------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates ``marker`` (it calls ``os.mkdir(marker)``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (self.marker,))
+
+
+def _write_malicious(path: Path, marker: Path, kind: str) -> None:
+    payload = {"weight": torch.zeros(2), "hook": _Payload(marker)}
+    if kind == "zip":
+        torch.save(payload, path)
+    elif kind == "legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [("zip", "evil.pt"), ("legacy", "evil.pth"), ("raw", "evil.bin"), ("zip", "evil.ckpt")],
+)
+def test_a_pickle_that_would_run_code_is_refused(
+    kind: str, name: str, model_server: ModelServer, cache: Cache, tmp_path: Path
+) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / name
+    _write_malicious(path, marker, kind)
+    url = model_server.add(name, path)
+    with pytest.raises(LoadError) as info:
+        _handle(url, cache).get()
+    assert not marker.exists()
+    error = info.value
+    assert isinstance(error.__cause__, UnsafeCheckpointError)
+    assert error.model == "model"
+    assert error.source == url
+    assert "weights_only=True" in str(error)
+    assert "never runs pickled code" in str(error)
+    assert "GLOBAL" in str(error) or "global" in str(error)
+    # the payload is real: an unsafe load would have run it
+    with open(path, "rb") as f:
+        torch.load(f, weights_only=False) if kind != "raw" else pickle.load(f)
+    assert marker.is_dir()
+
+
+# -- directories -------------------------------------------------------------------------------
+
+
+def test_a_directory_source_hands_the_directory_to_a_custom_loader(
+    cache: Cache, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "tokenizer").mkdir(parents=True)
+    (repo / "config.json").write_text('{"width": 4}')
+    (repo / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    seen: list[Path] = []
+
+    def loader(path: Path) -> dict[str, str]:
+        seen.append(path)
+        return {p.relative_to(path).as_posix(): p.read_text() for p in path.rglob("*.*")}
+
+    files = _handle(repo, cache, loader=loader).get()
+    assert seen == [repo]  # used in place: a local directory is never copied
+    assert files == {"config.json": '{"width": 4}', "tokenizer/vocab.txt": "a\nb\n"}
+
+
+def test_the_default_loader_merges_a_directorys_safetensors_shards(
+    cache: Cache, tmp_path: Path
+) -> None:
+    repo = tmp_path / "sharded"
+    repo.mkdir()
+    save_file({"a": torch.ones(2)}, str(repo / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(repo / "model-00002-of-00002.safetensors"))
+    state = _handle(repo, cache).get()
+    assert sorted(state) == ["a", "b"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LoadError, match="pass loader="):
+        ModelHandle("empty", source=empty, cache=cache).get()
+
+
+# -- building on the meta device ---------------------------------------------------------------
+
+
+def test_module_loader_adopts_the_mapped_tensors(
+    model_server: ModelServer, cache: Cache, tmp_path: Path
+) -> None:
+    reference = _reference()
+    path = tmp_path / "net.safetensors"
+    save_file(reference.state_dict(), str(path))
+    url = model_server.add("net.safetensors", path)
+    Net.built.clear()
+    net = _handle(url, cache, loader=module_loader(Net)).get()
+    assert isinstance(net, Net)
+    assert not net.training
+    x = torch.randn(5, 64)
+    assert torch.equal(net(x), reference(x))
+    assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])
+    assert torch.equal(net.scale, reference.scale)  # the non-persistent buffer: real values
+    ranges = _mapped_ranges(Path(cache.lookup(url) or ""))
+    assert all(_inside(p.data_ptr(), ranges) for p in net.parameters())  # no copy
+    # built twice (on meta, then a twin for the leftover buffer) and the twin had no weights
+    assert len(Net.built) == 2
+    assert all(p.is_meta for p in Net.built[1].parameters())
+    assert not any(b.is_meta for b in Net.built[1].buffers())
+
+
+def test_module_loader_picks_a_nested_state_dict(cache: Cache, tmp_path: Path) -> None:
+    reference = _reference(width=8, depth=1)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"dims": {"width": 8}, "model_state_dict": reference.state_dict()}, path)
+    net = _handle(path, cache, loader=module_loader(lambda: Net(8, 1), key="model_state_dict"))
+    x = torch.randn(2, 8)
+    assert torch.equal(net.get()(x), reference(x))
+
+
+def test_module_loader_reads_a_named_file_of_a_directory(cache: Cache, tmp_path: Path) -> None:
+    reference = _reference(width=8, depth=2)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    save_file(reference.state_dict(), str(repo / "model.safetensors"))
+    (repo / "config.json").write_text("{}")
+    loader = module_loader(lambda: Net(8, 2), filename="model.safetensors")
+    net = _handle(repo, cache, loader=loader).get()
+    x = torch.randn(2, 8)
+    assert torch.equal(net(x), reference(x))
+
+
+def test_a_parameter_missing_from_the_checkpoint_is_an_error() -> None:
+    state = _reference(width=8, depth=2).state_dict()
+    del state["layers.1.weight"]
+    with pytest.raises(ValueError, match=r"layers\.1\.weight"):
+        build_on_meta(lambda: Net(8, 2), state, strict=False)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_on_meta(lambda: Net(8, 2), state)
+
+
+def test_parameters_on_meta_leaves_other_threads_alone() -> None:
+    built: dict[str, torch.nn.Linear] = {}
+
+    def elsewhere() -> None:
+        built["other"] = torch.nn.Linear(4, 4)
+
+    with _parameters_on_meta():
+        built["here"] = torch.nn.Linear(4, 4)
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+    built["after"] = torch.nn.Linear(4, 4)
+    assert built["here"].weight.is_meta
+    assert not built["other"].weight.is_meta
+    assert not built["after"].weight.is_meta
+
+
+def test_unloading_a_mapped_module_frees_its_pages(cache: Cache, tmp_path: Path) -> None:
+    width, depth = 1024, 8  # 32 MiB of weights
+    with torch.device("meta"):
+        shapes = Net(width, depth).state_dict()
+    state = {k: torch.rand(v.shape) for k, v in shapes.items()}
+    path = tmp_path / "big.safetensors"
+    save_file(state, str(path))
+    del state
+
+    def warmup(net: Net) -> None:  # touches every weight page before READY
+        with torch.no_grad():
+            net(torch.ones(2, width))
+
+    h = _handle(path, cache, loader=module_loader(lambda: Net(width, depth)), warmup=warmup)
+    h.get()
+    assert _mapped_ranges(path)
+    Net.built.clear()  # the test's own references
+    h.unload()
+    assert h.status()["bytes_freed"] > 24 * MiB
+    assert _mapped_ranges(path) == []
