@@ -34,6 +34,8 @@ from typing import IO, Any
 from ._version import __version__
 from .cache import Cache, Entry, normalize_sha256
 from .errors import ModelCacheError
+from .handle import ModelHandle
+from .registry import Registry
 from .sources import Source
 
 __all__ = ["format_age", "format_size", "main", "parse_size"]
@@ -253,7 +255,9 @@ def _fetch_registry(args: argparse.Namespace, out: Output) -> int:
         else:
             size = _disk_size(path)
             item.update(path=str(path), size=size, seconds=round(time.monotonic() - started, 3))
-            how = "cached" if was_cached else "downloaded"
+            how = (
+                "local" if handle.sources[0].is_local else "cached" if was_cached else "downloaded"
+            )
             rows.append([handle.name, how, format_size(size), str(path)])
         report.append(item)
     if args.json:
@@ -265,7 +269,7 @@ def _fetch_registry(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _is_cached(handle: Any) -> bool:
+def _is_cached(handle: ModelHandle) -> bool:
     try:
         return handle.cache.lookup([s.url for s in handle.sources], handle.sha256) is not None
     except (ModelCacheError, ValueError, OSError):
@@ -278,12 +282,9 @@ def _disk_size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _load_handles(spec: str, app_dir: str) -> list[Any]:
+def _load_handles(spec: str, app_dir: str) -> list[ModelHandle]:
     """The handles named by ``pkg.module:attr`` (a Registry, a ModelHandle, an iterable of
     handles, or a callable returning one of those)."""
-    from .handle import ModelHandle
-    from .registry import Registry
-
     module_name, _, attr = spec.partition(":")
     directory = str(Path(app_dir).resolve())
     if directory not in sys.path:
