@@ -21,13 +21,18 @@ import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import MiB, make_payload, part_frontier, sha, wait_for
 
 from modelcache.cli import format_age, format_size, parse_size
 from modelcache.testing import ModelServer
+
+if TYPE_CHECKING:
+    from servers.stores import S3Bucket
+
+pytest_plugins = ["servers.fixtures"]
 
 SCRIPT = Path(sys.executable).with_name("modelcache")
 
@@ -740,8 +745,7 @@ def test_mirror_copies_a_model_to_a_volume_with_its_sha256(
     home: Path, tmp_path: Path, serve: Callable[..., tuple[str, bytes]], model_server: ModelServer
 ) -> None:
     url, payload = serve("sharp.pt", MiB)
-    volume = tmp_path / "volume"
-    volume.mkdir()
+    volume = tmp_path / "volume"  # created by the command: "DIR/" means into DIR
     result = ok(modelcache("mirror", url, f"{volume}/", "--cache", home))
     copy = volume / "sharp.pt"
     assert Path(result.stdout.strip()) == copy
@@ -765,6 +769,41 @@ def test_mirror_copies_a_model_to_a_volume_with_its_sha256(
         )
     )
     assert from_local.read_bytes() == payload
+
+
+def test_mirror_to_a_bucket_then_fetch_from_it(
+    home: Path, tmp_path: Path, serve: Callable[..., tuple[str, bytes]], s3_bucket: S3Bucket
+) -> None:
+    url, payload = serve("sharp.pt", MiB)
+    options = [f"{k}={v}" for k, v in s3_bucket.options().items()]
+    dest_args = [arg for option in options for arg in ("--dest-option", option)]
+    result = ok(
+        modelcache("mirror", url, f"s3://{s3_bucket.name}/models/", *dest_args, "--cache", home)
+    )
+    copy = f"s3://{s3_bucket.name}/models/sharp.pt"
+    assert result.stdout.strip() == copy
+    assert s3_bucket.get("models/sharp.pt") == payload
+    assert s3_bucket.head("models/sharp.pt")["Metadata"]["sha256"] == sha(payload)
+
+    source_args = [arg for option in options for arg in ("-o", option)]
+    fresh = tmp_path / "fresh"
+    fetched = json.loads(
+        ok(
+            modelcache(
+                "fetch", copy, *source_args, "--sha256", sha(payload), "--cache", fresh, "--json"
+            )
+        ).stdout
+    )
+    assert fetched["cache_hit"] is False
+    assert Path(fetched["path"]).read_bytes() == payload
+    secret = s3_bucket.options()["secret"]
+    missing = modelcache(
+        "fetch", f"s3://{s3_bucket.name}/models/nope.pt", *source_args, "--cache", fresh
+    )
+    assert missing.returncode == 1
+    assert "nope.pt" in missing.stderr
+    for shown in (result, missing):
+        assert secret not in shown.stdout + shown.stderr
 
 
 def test_mirror_failures_copy_nothing(

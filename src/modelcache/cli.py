@@ -460,6 +460,9 @@ def _cmd_mirror(args: argparse.Namespace, out: Output) -> int:
         raise Failure(f"mirror is not available in this installation: {error}") from None
     if args.cache is not None:
         os.environ["MODELCACHE_HOME"] = str(args.cache)  # the cache the model passes through
+    target = Source.parse(args.dest)
+    if target.is_local and args.dest.endswith(("/", os.sep)):
+        target.local_path.mkdir(parents=True, exist_ok=True)  # "DIR/" means into that directory
     started = time.monotonic()
     try:
         result = mirror(
