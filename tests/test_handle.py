@@ -27,6 +27,7 @@ from modelcache import (
     LoadError,
     ModelHandle,
     NotReadyError,
+    Registry,
     SourceError,
     State,
     Strategy,
@@ -774,5 +775,5 @@ def test_docs_code_blocks_run(
             exec(compile(code, f"{page}[block {n}]", "exec"), namespace)
     finally:
         for value in list(namespace.values()):
-            if isinstance(value, ModelHandle):
+            if isinstance(value, (ModelHandle, Registry)):
                 value.close()
