@@ -30,8 +30,8 @@ FAST = TransferOptions(
     backoff=0.01,
     max_backoff=0.05,
     deadline=20.0,
-    stall_timeout=2.0,
-    connect_timeout=2.0,
+    stall_timeout=10.0,
+    connect_timeout=10.0,
 )
 
 
