@@ -126,7 +126,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     from modelcache.testing import ModelServer
 
     size = 2 * MiB if quick else 256 * MiB
-    racers = 4 if quick else 8
+    racers = 3 if quick else 8
     hosts, per_host = (2, 2) if quick else (4, 4)
     rounds = 1 if quick else 3
     rows: list[dict[str, Any]] = []

@@ -20,7 +20,7 @@ RUN = ROOT / "benchmarks" / "run.py"
 OWN_FIGURES = {
     "start-import": "torch imported",
     "start-cache-hit": "checks",
-    "start-warm-start": "vs bare torch.load(mmap)",
+    "start-warm-start": "vs bare, per round",
     "start-first-start": "vs torch.hub path",
     "replicas-race": "origin bytes (x file)",
     "replicas-replicas": "origin requests",
