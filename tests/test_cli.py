@@ -510,10 +510,13 @@ def test_verify_finds_a_flipped_byte_and_rm_clears_it(
     bad, _ = serve("bad.bin", seed=1)
     ok(modelcache("fetch", good, "--cache", home))
     path = Path(ok(modelcache("fetch", bad, "--cache", home)).stdout.strip())
+    last_used = {e["key"]: e["last_used"] for e in entries(home)}
     assert ok(modelcache("verify", "--cache", home)).stderr.strip() == (
         "2 entries verified, 0 corrupt"
     )
     assert json.loads(ok(modelcache("verify", "--json", "--cache", home)).stdout) == []
+    # re-hashing is not a use: the LRU order that prune follows stays as it was
+    assert {e["key"]: e["last_used"] for e in entries(home)} == last_used
 
     with open(path, "r+b") as handle:
         handle.seek(1000)

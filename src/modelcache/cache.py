@@ -795,7 +795,9 @@ class Cache:
                         record["stamp"] = _stamp(path)
                 if not read_only and not any(p.key == meta["key"] for p in problems):
                     with contextlib.suppress(OSError):
+                        used = (entry_dir / _META).stat()  # re-hashing is not a use (LRU)
                         _write_meta(entry_dir, meta)
+                        os.utime(entry_dir / _META, ns=(used.st_atime_ns, used.st_mtime_ns))
         return problems
 
     def verify(self) -> list[str]:
