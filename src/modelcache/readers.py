@@ -176,7 +176,8 @@ class HTTPReader(Reader):
 
     def _stream(self, response: Any, start: int) -> RangeStream:
         status = response.status
-        etag = response.headers.get("ETag")
+        # the version's validator: the ETag, else Last-Modified (If-Range accepts both)
+        etag = response.headers.get("ETag") or response.headers.get("Last-Modified")
         if status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
             if not match:

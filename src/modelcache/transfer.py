@@ -347,7 +347,10 @@ class _Job:
         if stream.start != self.frontier:
             # the origin ignored the range or the file changed: start again from byte 0
             self._restart_from_zero()
-        if self.etag is not None and stream.etag is not None and stream.etag != self.etag:
+        changed = (self.etag is not None and stream.etag not in (None, self.etag)) or (
+            self.size is not None and stream.size not in (None, self.size)
+        )
+        if changed and self.frontier:
             stream.close()
             raise _OriginChanged("the file changed at the origin; starting again")
         self.etag = stream.etag
