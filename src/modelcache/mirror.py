@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,13 @@ def _upload(
     def describe(error: BaseException) -> str:
         return f"{remote}: {error}"
 
-    retrying(lambda: fs.put_file(str(path), remote, **kwargs), options, describe=describe)
+    def put() -> None:
+        with warnings.catch_warnings():
+            # gcsfs hands aiohttp each upload chunk as bytes, which aiohttp warns about
+            warnings.simplefilter("ignore", ResourceWarning)
+            fs.put_file(str(path), remote, **kwargs)
+
+    retrying(put, options, describe=describe)
     fs.invalidate_cache(remote)
     written = retrying(lambda: fs.info(remote), options, describe=describe)
     if int(written.get("size", -1)) != size:

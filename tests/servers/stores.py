@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +165,9 @@ class GCSBucket:
 
     def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> str:
         """Store ``data`` at ``key``; the ``gs://`` URL."""
-        self.fs.pipe_file(f"{self.name}/{key}", data, metadata=metadata)
+        with warnings.catch_warnings():  # aiohttp: "a large body ... might lock the event loop"
+            warnings.simplefilter("ignore", ResourceWarning)
+            self.fs.pipe_file(f"{self.name}/{key}", data, metadata=metadata)
         return self.url(key)
 
     def get(self, key: str) -> bytes:

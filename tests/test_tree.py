@@ -1,0 +1,195 @@
+"""Directory entries and mirror chains across schemes (S3, the Hub, HTTPS) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MiB, make_payload, sha
+from servers.hub import HubStandIn
+from servers.proxy import FaultProxy
+from servers.stores import S3_SECRET, S3Bucket
+
+from modelcache import Cache, IntegrityError, ModelHandle, SourceError
+from modelcache.testing import ModelServer
+from modelcache.tree import Selection, manifest_digest
+
+pytest_plugins = ["servers.fixtures"]
+
+REPO = {
+    "config.json": b'{"d_model": 384}',
+    "model.safetensors": make_payload(2 * MiB, seed=11),
+    "tokenizer/vocab.txt": b"a\nb\nc\n",
+}
+
+
+def test_mirror_chain_across_schemes_first_that_works_wins(
+    cache: Cache, s3_bucket: S3Bucket, hub: HubStandIn, model_server: ModelServer
+) -> None:
+    data = make_payload(MiB, seed=1)
+    hub.push("apple/sharp", {"sharp.pt": data})
+    origin = model_server.add("sharp.pt", data)
+    chain = [s3_bucket.url("mirror/sharp.pt"), "hf://apple/sharp/sharp.pt", origin]
+    options = {"s3": s3_bucket.options(), "hf": {"endpoint": hub.url}, "https": {}}
+
+    got = cache.fetch_details(chain, sha(data), options)
+
+    assert got.path.read_bytes() == data
+    assert got.source == "hf://apple/sharp/sharp.pt"
+    assert model_server.count("sharp.pt") == (0, 0)
+
+
+def test_mirror_chain_that_all_fails_lists_every_attempt_redacted(
+    cache: Cache, s3_bucket: S3Bucket, hub: HubStandIn, model_server: ModelServer
+) -> None:
+    hub.push("apple/sharp", {"other.pt": b"x"})
+    origin = model_server.url.replace("http://", "http://user:hunter2@") + "/sharp.pt"
+    chain = [s3_bucket.url("mirror/sharp.pt"), "hf://apple/sharp/sharp.pt", origin]
+    options = {"s3": s3_bucket.options(), "hf": {"endpoint": hub.url, "token": "hf_secretTok"}}
+
+    with pytest.raises(SourceError) as caught:
+        cache.fetch(chain, storage_options=options, model="sharp")
+
+    error = caught.value
+    assert [source for source, _ in error.attempts] == [
+        s3_bucket.url("mirror/sharp.pt"),
+        "hf://apple/sharp/sharp.pt",
+        origin.replace("user:hunter2", "***"),
+    ]
+    reasons = [reason for _, reason in error.attempts]
+    assert "not found" in reasons[0]
+    assert "'sharp.pt' not found" in reasons[1]
+    assert "404" in reasons[2]
+    message = str(error)
+    for secret in ("hunter2", "hf_secretTok", S3_SECRET):
+        assert secret not in message
+    assert cache.entries() == []
+
+
+def test_directory_digest_is_the_sha256sum_manifest(
+    cache: Cache, s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    for name, data in REPO.items():
+        s3_bucket.put(f"m/{name}", data)
+    got = cache.fetch_details(s3_bucket.url("m/"), storage_options=s3_bucket.options())
+
+    # the command docs/stores.md gives for computing a directory's sha256 by hand
+    command = (
+        "find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum "
+        "| sha256sum | cut -d' ' -f1"
+    )
+    by_hand = subprocess.run(
+        ["bash", "-c", command], cwd=got.path, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert got.sha256 == by_hand == manifest_digest([(n, sha(d)) for n, d in REPO.items()])
+
+
+def test_directory_pinned_by_its_sha256(cache: Cache, s3_bucket: S3Bucket) -> None:
+    for name, data in REPO.items():
+        s3_bucket.put(f"m/{name}", data)
+    digest = manifest_digest([(n, sha(d)) for n, d in REPO.items()])
+    url = s3_bucket.url("m/")
+
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        cache.fetch(url, "0" * 64, storage_options=s3_bucket.options())
+    assert cache.entries() == []
+
+    got = cache.fetch_details(url, digest, storage_options=s3_bucket.options())
+    assert got.path.parent.name == digest
+    assert [e.key for e in cache.entries()] == [digest]
+
+
+def test_verify_finds_a_flipped_byte_in_one_file_of_a_directory(
+    cache: Cache, s3_bucket: S3Bucket
+) -> None:
+    for name, data in REPO.items():
+        s3_bucket.put(f"m/{name}", data)
+    got = cache.fetch(s3_bucket.url("m/"), storage_options=s3_bucket.options())
+    assert cache.verify() == []
+
+    target = got / "model.safetensors"
+    blob = bytearray(target.read_bytes())
+    blob[12345] ^= 0xFF
+    target.write_bytes(bytes(blob))
+
+    problems = cache.verify()
+    assert len(problems) == 1
+    assert "model.safetensors" in problems[0]
+
+
+def test_files_of_a_directory_are_fetched_concurrently(
+    cache: Cache, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    for i in range(4):
+        s3_bucket.put(f"slow/part-{i}.bin", make_payload(1000, seed=i))
+    # each file's first GET answers 503 after a second: one after the other would take 4 s
+    s3_proxy.fail(
+        times=4, status=503, delay=1.0, match=lambda m, p: m == "GET" and "/slow/part-" in p
+    )
+
+    started = time.monotonic()
+    got = cache.fetch(s3_bucket.url("slow/"), storage_options=s3_bucket.options(s3_proxy.url))
+    elapsed = time.monotonic() - started
+
+    assert len(list(got.iterdir())) == 4
+    assert elapsed < 3.0
+
+
+def test_concurrent_fetches_of_one_directory_download_it_once(
+    cache: Cache, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    for name, data in REPO.items():
+        s3_bucket.put(f"m/{name}", data)
+    url = s3_bucket.url("m/")
+    options = s3_bucket.options(s3_proxy.url)
+    results: list[Path] = []
+
+    def fetch() -> None:
+        results.append(
+            Cache(cache.path, read_only_paths=[], offline=False, transfer=cache.transfer).fetch(
+                url, storage_options=options
+            )
+        )
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert len(set(results)) == 1
+    assert len(results) == 4
+    weights = "/m/model.safetensors"
+    assert s3_proxy.count(lambda m, p: m == "GET" and p.split("?")[0].endswith(weights)) == 1
+
+
+def test_a_handle_loads_a_directory_entry(cache: Cache, hub: HubStandIn) -> None:
+    hub.push("Systran/faster-whisper-tiny", REPO)
+    handle = ModelHandle(
+        "whisper",
+        source="hf://Systran/faster-whisper-tiny?include=config.json,tokenizer/",
+        loader=lambda path: json.loads((path / "config.json").read_text()),
+        cache=cache,
+    )
+    assert handle.get() == {"d_model": 384}
+    assert handle.status()["cache_hit"] is False
+    assert sorted(p.name for p in handle.fetch().rglob("*")) == [
+        "config.json",
+        "tokenizer",
+        "vocab.txt",
+    ]
+
+
+def test_selection_patterns_follow_the_hubs_rules() -> None:
+    selection = Selection(include=("*.json", "tokenizer/", "vocabulary.*"), exclude=("*.onnx",))
+    assert selection.wants("config.json")
+    assert selection.wants("sub/config.json")  # "*" also matches "/"
+    assert selection.wants("tokenizer/merges.txt")
+    assert selection.wants("vocabulary.txt")
+    assert not selection.wants("model.bin")
+    assert not Selection(exclude=("*.onnx",)).wants("model.onnx")
+    assert Selection(exclude=("*.onnx",)).wants("model.bin")
