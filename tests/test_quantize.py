@@ -21,6 +21,7 @@ from torch import nn
 
 from modelcache import Cache, LoadError, ModelHandle
 from modelcache.cache import hash_file
+from modelcache.int8 import Int8Weight
 from modelcache.loaders import build_on_meta, module_loader
 from modelcache.quantize import INSTALL_HINT, quantize_model
 from modelcache.testing import write_fake_weights
@@ -51,11 +52,9 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 
 def int8_layers(model: nn.Module) -> list[str]:
-    """Names of the Linear layers whose weight is a torchao int8 tensor."""
-    from torchao.quantization import Int8Tensor
-
+    """Names of the Linear layers whose weight is held as int8."""
     return [
-        n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Int8Tensor)
+        n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Int8Weight)
     ]
 
 
@@ -290,6 +289,16 @@ def whisper_handle(path: Path, quantize: str | None, cache: Cache | None = None)
     )
 
 
+def torchao_int8(model: nn.Module) -> nn.Module:
+    """``model`` with every Linear quantized by torchao itself (its own int8 tensors)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig(version=2, set_inductor_config=False)
+    with torch.no_grad():
+        quantize_(model, config, filter_fn=lambda m, _: isinstance(m, nn.Linear))
+    return model
+
+
 def test_whisper_subclass_linears_all_int8_logits_at_cosine_099(
     modelcache_home: Path,
     whisper_tiny: Path,
@@ -298,8 +307,10 @@ def test_whisper_subclass_linears_all_int8_logits_at_cosine_099(
     reference = logits(whisper_handle(whisper_tiny, None).get(), whisper_input)
     handle = whisper_handle(whisper_tiny, "int8")
     model = handle.get()
+    quantized = logits(model, whisper_input)
 
-    assert min(cosines(logits(model, whisper_input), reference)) >= 0.99
+    assert min(cosines(quantized, reference)) >= 0.99
+    assert torch.equal(quantized, logits(torchao_int8(whisper_loader(whisper_tiny)), whisper_input))
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert all(type(m) is Linear for m in model.modules() if isinstance(m, nn.Linear))
     assert len(linears) == 4 * 6 + 4 * 10
@@ -507,3 +518,64 @@ def test_no_noise_from_torchao_import(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "done"
     assert done.stderr == ""
+
+
+WARM_START = """
+import json, sys, torch
+from torch import nn
+from modelcache import ModelHandle
+from modelcache.loaders import module_loader
+
+
+def plain_net():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+path, sha256 = sys.argv[1], sys.argv[2]
+handle = ModelHandle("net", source=path, sha256=sha256, loader=module_loader(plain_net),
+                     quantize="int8", strategy="eager")
+handle.start()
+with torch.no_grad():
+    out = handle.get()(torch.linspace(-1, 1, 96).reshape(3, 32))
+print(json.dumps({"torchao_imported": "torchao" in sys.modules, "out": out.tolist(),
+                  "quantization": handle.status()["quantization"]}))
+"""
+
+
+def plain_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+def test_warm_start_in_a_new_process_never_imports_torchao(
+    modelcache_home: Path, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+
+    torch.manual_seed(5)
+    weights = tmp_path / "plain.safetensors"
+    save_file(plain_net().state_dict(), str(weights))
+    first = ModelHandle(
+        "net",
+        source=weights,
+        sha256=hash_file(weights),
+        loader=module_loader(plain_net),
+        quantize="int8",
+    )
+    expected = small_output(first.get())
+    script = tmp_path / "warm_start.py"
+    script.write_text(WARM_START)
+
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script), str(weights), hash_file(weights)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["quantization"]["cache_hit"] is True
+    assert report["quantization"]["quantize_s"] is None
+    assert report["torchao_imported"] is False
+    assert torch.equal(torch.tensor(report["out"]), expected)

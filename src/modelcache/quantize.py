@@ -1,16 +1,19 @@
 """int8 quantization of a loaded module, cached so that the next start maps int8 weights directly.
 
-The weights of every ``torch.nn.Linear`` (subclasses included, such as Whisper's
-``whisper.model.Linear``) become torchao int8 weight-only tensors: one int8 per weight and a
-scale per output row, dequantized on the fly in the matmul. On the real all-MiniLM-L6-v2 the
-embeddings stay at cosine 0.9995 to float's (the deprecated ``torch.ao`` dynamic path reaches
-0.94 on x86).
+The weight of every ``torch.nn.Linear`` (subclasses included, such as Whisper's
+``whisper.model.Linear``) is quantized by torchao's ``Int8WeightOnlyConfig`` (symmetric, one
+scale per output row) and held as an :class:`~modelcache.int8.Int8Weight`: int8 values and
+their scales, multiplied out in the matmul exactly as torchao does. On the real
+all-MiniLM-L6-v2 the embeddings stay at cosine 0.9995 to float's (the deprecated ``torch.ao``
+dynamic path reaches 0.94 on x86).
 
-The quantized state dict is written once into the cache as a *derived entry*, keyed by the
-source's sha256, the method, the torch and torchao versions and the module's structure. A
-later start replaces the loader's tensors with the cached ones (``torch.load(mmap=True)`` then
-``load_state_dict(assign=True)``): with a lazy loader (the default loaders map files; see
-:func:`modelcache.loaders.module_loader`) the float weights are never read at all.
+The result is written once into the cache as a *derived entry* (plain tensors in a
+``torch.save`` file, loaded with ``weights_only=True``), keyed by the source's sha256, the
+method, the torch and torchao versions and the module's structure. A later start replaces the
+loader's tensors with the cached ones (``torch.load(mmap=True)``, then
+``load_state_dict(assign=True)``) without importing torchao: with a lazy loader (the default
+loaders map files; see :func:`modelcache.loaders.module_loader`) the float weights are never
+read at all.
 """
 
 from __future__ import annotations
@@ -22,25 +25,33 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .cache import Cache
 from .errors import LoadError, LockTimeoutError
 
-__all__ = ["INSTALL_HINT", "METHODS", "derived_key", "quantize_model", "weight_bytes"]
+__all__ = [
+    "INSTALL_HINT",
+    "METHODS",
+    "TORCHAO_RANGE",
+    "derived_key",
+    "quantize_model",
+    "weight_bytes",
+]
 
 log = logging.getLogger("modelcache")
 
 METHODS = ("int8",)
 INSTALL_HINT = "pip install 'modelcache[int8]'"
 TORCHAO_RANGE = ">=0.18,<0.19"
-"""The torchao releases this module is written and tested against (torchao 0.18 needs torch
-2.11 or newer for its compiled kernels; the int8 weight-only path used here is pure PyTorch)."""
+"""The torchao releases this module is written and tested against (the ``int8`` extra)."""
 
 _CONFIG_VERSION = 2
-_FORMAT = 1
+_FORMAT = 2
 _SCHEME = f"torchao.Int8WeightOnlyConfig(version={_CONFIG_VERSION})"
+_PAYLOAD = "modelcache-int8"
 
 
 class _NotCached(Exception):
@@ -83,8 +94,8 @@ def quantize_model(
             model=name,
             source=source,
         )
-    torchao_version = _import_torchao(name, source)
     layers, skipped = _linear_layers(model)
+    torchao_version = _torchao_version()
     info: dict[str, Any] = {
         "method": method,
         "scheme": _SCHEME,
@@ -101,12 +112,13 @@ def quantize_model(
     if not layers:
         log.warning("model %s: quantize=%r found no nn.Linear layer to quantize", name, method)
     identity = _source_identity(source_sha256, path)
-    if identity is None:
-        log.info("model %s: int8 weights not cached (a local directory given without sha256)", name)
-        _quantize_now(model, layers, info)
+    if identity is None or torchao_version is None:
+        if identity is None:
+            log.info("model %s: int8 weights not cached (a directory given without sha256)", name)
+        _quantize_now(layers, info, name, source)
     else:
         key = derived_key(identity, method, _structure(model, layers), torchao_version)
-        _quantize_cached(model, layers, info, cache, key, name, path)
+        _quantize_cached(model, layers, info, cache, key, name, source, path)
     info["bytes_after"] = weight_bytes(model)
     return model, info
 
@@ -114,19 +126,42 @@ def quantize_model(
 # -- quantizing ---------------------------------------------------------------------------------
 
 
-def _quantize_now(model: Any, layers: dict[str, Any], info: dict[str, Any]) -> None:
+def _quantize_now(layers: dict[str, Any], info: dict[str, Any], name: str, source: str) -> None:
+    """Quantize every layer with torchao, one at a time; their weights become ``Int8Weight``."""
     import torch
+
+    _import_torchao(name, source)
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     started = time.monotonic()
     config = Int8WeightOnlyConfig(version=_CONFIG_VERSION, set_inductor_config=False)
     with torch.no_grad():
         for layer in layers.values():
-            # one layer at a time, handing the scratch memory back to the OS after each:
-            # the peak stays near the float weights plus one layer's temporaries
             quantize_(layer, config, filter_fn=lambda module, _fqn, layer=layer: module is layer)
-            _trim()
+            _adopt_torchao_weight(layer)
+            _trim()  # hand this layer's scratch memory back: the peak stays near one layer's
     info["quantize_s"] = round(time.monotonic() - started, 4)
+
+
+def _adopt_torchao_weight(layer: Any) -> None:
+    """Replace torchao's int8 tensor on ``layer`` by an ``Int8Weight`` over the same data."""
+    import torch
+
+    from .int8 import Int8Weight
+
+    weight = layer.weight
+    zero_point = getattr(weight, "zero_point", None)
+    if (
+        list(getattr(weight, "block_size", [])) != [1, weight.shape[-1]]
+        or getattr(weight, "act_quant_kwargs", None) is not None
+        or getattr(weight, "act_pre_scale", None) is not None
+        or (zero_point is not None and bool(zero_point.any()))
+    ):
+        raise RuntimeError(f"torchao returned an unexpected int8 layout: {weight!r}")
+    layer.weight = torch.nn.Parameter(
+        Int8Weight(weight.qdata, weight.scale, weight.dtype), requires_grad=False
+    )
+    layer.__dict__.pop("extra_repr", None)  # torchao's repr patch names its own tensor
 
 
 def _trim() -> None:
@@ -139,7 +174,7 @@ def _linear_layers(model: Any) -> tuple[dict[str, Any], list[str]]:
     """Every ``nn.Linear`` (subclasses too) whose weight can be quantized, and those skipped.
 
     ``MultiheadAttention.out_proj`` is skipped: its weight is fed to a fused function that int8
-    tensors do not support, so it stays float.
+    weights do not support, so it stays float.
     """
     import torch
     from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -156,6 +191,7 @@ def _linear_layers(model: Any) -> tuple[dict[str, Any], list[str]]:
             or parametrize.is_parametrized(module)
             or not isinstance(weight, torch.Tensor)
             or not weight.is_floating_point()
+            or weight.dim() != 2
             or _is_wrapper(weight)
         ):
             skipped.append(fqn)
@@ -171,7 +207,7 @@ def _is_wrapper(tensor: Any) -> bool:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes held by the module's parameters and buffers (int8 tensors: data plus scales)."""
+    """Bytes held by the module's parameters and buffers (int8 weights: data plus scales)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for tensor in _leaf_tensors([*model.parameters(), *model.buffers()]):
@@ -229,7 +265,7 @@ def _source_identity(sha256: str | None, path: Path | None) -> str | None:
 
 def _structure(model: Any, layers: dict[str, Any]) -> str:
     """A digest of the state dict's names, shapes and dtypes and of which layers get int8."""
-    described = [
+    described: list[Any] = [
         [key, list(tensor.shape), str(tensor.dtype)] for key, tensor in model.state_dict().items()
     ]
     described.append(sorted(f"{fqn}:{type(m).__qualname__}" for fqn, m in layers.items()))
@@ -243,6 +279,7 @@ def _quantize_cached(
     cache: Cache,
     key: str,
     name: str,
+    source: str,
     path: Path | None,
 ) -> None:
     """Map the cached int8 weights, or quantize now and publish them for the next start."""
@@ -250,9 +287,9 @@ def _quantize_cached(
     label = f"modelcache+int8://{key[:16]}/{stem}.int8.pt"
 
     def produce(part: Path) -> None:
-        _quantize_now(model, layers, info)
+        _quantize_now(layers, info, name, source)
         try:
-            _save(model, part)
+            _save(model, layers, part)
         except Exception as error:
             raise _NotCached(f"{type(error).__name__}: {error}") from error
 
@@ -261,36 +298,59 @@ def _quantize_cached(
     except (_NotCached, OSError, LockTimeoutError) as error:
         log.warning("model %s: int8 weights not cached (%s)", name, error)
         if info["quantize_s"] is None:
-            _quantize_now(model, layers, info)
+            _quantize_now(layers, info, name, source)
         return
     info["cache_key"] = key
     info["cache_hit"] = fetched.cache_hit
     started = time.monotonic()
     if not _adopt(model, layers, fetched.path, name):
         if info["quantize_s"] is None:
-            _quantize_now(model, layers, info)
+            _quantize_now(layers, info, name, source)
         info["cache_hit"] = False
         return
     info["cached_load_s"] = round(time.monotonic() - started, 4)
-    if fetched.cache_hit is False:
+    if not fetched.cache_hit:
         _trim()  # the int8 tensors made here were just replaced by the mapped file's
 
 
-def _save(model: Any, part: Path) -> None:
+def _weight_key(fqn: str) -> str:
+    return f"{fqn}.weight" if fqn else "weight"
+
+
+def _save(model: Any, layers: dict[str, Any], part: Path) -> None:
+    """Write the quantized state dict as plain tensors (loadable with ``weights_only=True``)."""
     import torch
 
-    torch.save(model.state_dict(), part)
+    quantized = {_weight_key(fqn) for fqn in layers}
+    tensors: dict[str, Any] = {}
+    int8: dict[str, Any] = {}
+    for key, tensor in model.state_dict().items():
+        if key in quantized:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            int8[key] = {"qdata": tensor.qdata, "scale": tensor.scale, "dtype": dtype}
+        else:
+            tensors[key] = tensor
+    torch.save({"format": _PAYLOAD, "version": _FORMAT, "tensors": tensors, "int8": int8}, part)
 
 
 def _adopt(model: Any, layers: dict[str, Any], path: Path, name: str) -> bool:
-    """Replace the module's tensors with the int8 state dict at ``path`` (memory-mapped).
+    """Replace the module's tensors with the cached int8 state dict at ``path`` (mapped).
 
     Returns False (the module untouched) when the file does not fit the module.
     """
     import torch
 
+    from .int8 import Int8Weight
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if payload.get("format") != _PAYLOAD or payload.get("version") != _FORMAT:
+            raise ValueError(f"not a {_PAYLOAD} v{_FORMAT} file")
+        state = dict(payload["tensors"])
+        for key, record in payload["int8"].items():
+            state[key] = Int8Weight(
+                record["qdata"], record["scale"], getattr(torch, record["dtype"])
+            )
     except Exception as error:
         log.warning("model %s: cached int8 weights unreadable (%s); quantizing again", name, error)
         return False
@@ -298,6 +358,7 @@ def _adopt(model: Any, layers: dict[str, Any], path: Path, name: str) -> bool:
     misfits = sorted(
         set(current) ^ set(state)
         | {k for k in current.keys() & state.keys() if current[k].shape != state[k].shape}
+        | {_weight_key(fqn) for fqn in layers} - set(payload["int8"])
     )
     if misfits:
         log.warning(
@@ -323,6 +384,14 @@ def _import_torch(name: str, source: str) -> Any:
             f"int8 quantization needs torch and torchao: {INSTALL_HINT}", model=name, source=source
         ) from error
     return torch
+
+
+def _torchao_version() -> str | None:
+    """torchao's installed version, read without importing it (``None`` when not installed)."""
+    try:
+        return metadata.version("torchao")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 class _ImportNoise(logging.Filter):
