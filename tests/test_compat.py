@@ -357,3 +357,56 @@ def test_whisper_load_model_unknown_name_and_offline(
         whisper_load_model("base.en")
     assert recipes.whisper_url("base.en") in str(caught.value)
     assert "whisper-base.en" in str(caught.value)
+
+
+# -- docs/recipes.md: the one-line changes and the Dockerfile -------------------------------------
+
+
+def after(diff: str) -> str:
+    """The code a diff block leaves: its context and added lines."""
+    return "\n".join(line[1:] for line in diff.splitlines() if line[:1] in ("+", " "))
+
+
+def test_docs_diffs_run(
+    sharp_url: tuple[str, Path], tiny_on_server: tuple[str, Path], modelcache_home: Path
+) -> None:
+    from conftest import code_blocks
+    from whisper.model import Whisper
+
+    hub, load_model = code_blocks("recipes.md", "diff")
+    url, path = sharp_url
+    namespace: dict[str, Any] = {"DEFAULT_MODEL_URL": url}
+    exec(after(hub), namespace)
+    assert same_tensors(namespace["state_dict"], torch.load(path, weights_only=True))
+    exec(after(load_model), namespace)  # "tiny" points at the local fake (tiny_on_server)
+    assert isinstance(namespace["model"], Whisper)
+
+
+def test_docs_dockerfile_build_then_offline_app(
+    sharp_url: tuple[str, Path], model_server: ModelServer, tmp_path: Path
+) -> None:
+    from conftest import code_blocks
+
+    (dockerfile,) = code_blocks("recipes.md", "dockerfile")
+    run = next(line for line in dockerfile.splitlines() if line.startswith("RUN "))
+    env_line = next(line for line in dockerfile.splitlines() if line.startswith("ENV "))
+    url, _ = sharp_url
+    apple = "https://ml-site.cdn-apple.com/models/sharp/sharp_2572gikvuh.pt"
+    models = tmp_path / "app" / "models"
+    code = run.split('python -c "', 1)[1].rstrip('"').replace(apple, url)
+    code = code.replace("/app/models", str(models))
+    base = {**os.environ, "MODELCACHE_PROGRESS": "0", "MODELCACHE_HOME": str(tmp_path / "home")}
+    subprocess.run([sys.executable, "-c", code], env=base, check=True, timeout=110)
+    model_server.remove("models/sharp/sharp_2572gikvuh.pt")
+
+    runtime = dict(base)
+    for pair in env_line.removeprefix("ENV ").split():
+        key, value = pair.split("=", 1)
+        runtime[key] = value.replace("/app/models", str(models))
+    hub_diff = code_blocks("recipes.md", "diff")[0]
+    app = f"DEFAULT_MODEL_URL = {url!r}\n{after(hub_diff)}\nprint(len(state_dict))"
+    done = subprocess.run(
+        [sys.executable, "-c", app], env=runtime, capture_output=True, text=True, timeout=110
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1038"

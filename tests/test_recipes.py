@@ -349,3 +349,39 @@ def test_adopt_builds_normally_when_a_buffer_stays_on_meta() -> None:
     assert fixed.linear.weight.data_ptr() == state["linear.weight"].data_ptr()
     with pytest.raises(RuntimeError, match="Missing key"):
         recipes.adopt(Net, {"linear.weight": torch.ones(3, 4)})
+
+
+# -- docs/recipes.md -----------------------------------------------------------------------------
+
+
+def test_docs_python_examples_print_what_they_say(capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import code_blocks
+
+    blocks = [b for b in code_blocks("recipes.md", "python") if "def test_" not in b]
+    assert len(blocks) == 3
+    namespace: dict[str, object] = {}
+    for n, block in enumerate(blocks):
+        exec(compile(block, f"docs/recipes.md[python {n}]", "exec"), namespace)
+        expected = [line.split("# ", 1)[1] for line in block.splitlines() if "print(" in line]
+        assert capsys.readouterr().out.splitlines() == expected
+    mirrored = namespace["mirrored"]
+    assert isinstance(mirrored, ModelHandle)
+    assert [s.protocol for s in mirrored.sources] == ["s3", "https"]
+    assert mirrored.sha256 == recipes.whisper_sha256("large-v3")
+
+
+def test_docs_testing_example_passes_under_pytest(tmp_path: Path) -> None:
+    from conftest import code_blocks
+
+    (example,) = [b for b in code_blocks("recipes.md", "python") if "def test_" in b]
+    (tmp_path / "test_docs_example.py").write_text(example)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "2 passed" in done.stdout
