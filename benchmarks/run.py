@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from collections.abc import Sequence
@@ -297,11 +298,20 @@ def plot(figure: str, title: str, rows: Sequence[dict[str, Any]], path: Path) ->
         ax.set_xlabel(f"{unit}{hint}", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
-        for yi, m in zip(y, medians, strict=True):
+        positive = [m for m in medians if m > 0]
+        if positive and max(positive) / min(positive) > 100:
+            ax.set_xscale("log")  # values orders of magnitude apart (a cache hit vs a re-hash)
+        for yi, m, up in zip(y, medians, high, strict=True):
             ax.annotate(
-                fmt(m), (m, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
+                fmt(m),
+                (m + up, yi),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
             )
-    axes[0, 0].set_title(title, fontsize=10)
+        ax.margins(x=0.12)
+    axes[0, 0].set_title(textwrap.fill(title, 80), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
