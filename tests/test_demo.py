@@ -106,7 +106,6 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 
 def test_the_demo_serves_real_embeddings(run_demo: Any) -> None:
-    started = time.monotonic()
     demo = run_demo()
     expected_vectors = reference()
     url = demo.wait_listening()
@@ -145,8 +144,7 @@ def test_the_demo_serves_real_embeddings(run_demo: Any) -> None:
     entries = list((Path(demo.output).parent / "cache").glob("*/meta.json"))
     assert len(entries) == 1  # the weights are in the cache now
     demo.proc.send_signal(signal.SIGINT)
-    demo.proc.wait(20)
-    assert time.monotonic() - started < 60
+    assert demo.proc.wait(20) == 0  # Ctrl-C stops it cleanly
 
 
 def test_model_source_and_int8(run_demo: Any, model_server: ModelServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -12,6 +13,7 @@ from contextlib import ExitStack
 from modelcache import Cache
 from modelcache.demo.model import MODEL_NAME, SHA256, package_folder
 
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 EXAMPLE = '{"texts": ["A cat sits on the mat.", "A kitten rests on a rug.", "Stocks fell today."]}'
 
 
@@ -56,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("modelcache").setLevel(logging.INFO)  # "model ... ready (fetch_s ...)"
+    for noisy in _NOISY_LOGGERS:  # import-time warnings of optional kernels, harmless on CPU
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         import uvicorn
 
