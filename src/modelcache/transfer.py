@@ -64,7 +64,7 @@ class TransferOptions:
     """
 
     connections: int = 8
-    chunk_size: int = 4 * MiB
+    chunk_size: int = 2 * MiB
     piece_size: int = 1 * MiB
     retries: int = 5
     backoff: float = 0.5
@@ -229,6 +229,37 @@ class _Stop:
 _STOP = _Stop()
 
 
+class _Pieces:
+    """One chunk's pieces on their way to the hasher; at most ``limit`` wait at a time.
+
+    A worker that gets that far ahead of the hasher waits (and stops reading its socket), so
+    memory stays bounded even for a single stream the hasher cannot keep up with.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._room = threading.Semaphore(limit)
+
+    def put(self, piece: bytes, abort: threading.Event) -> bool:
+        """Queue a piece once there is room; False when the download is aborted meanwhile."""
+        while not self._room.acquire(timeout=0.25):
+            if abort.is_set():
+                return False
+        self._queue.put(piece)
+        return True
+
+    def signal(self, item: Any) -> None:
+        """Queue the end marker or an error (never waits)."""
+        self._queue.put(item)
+
+    def get(self, timeout: float) -> Any:
+        """The next item; raises ``queue.Empty`` after ``timeout`` seconds."""
+        item = self._queue.get(timeout=timeout)
+        if isinstance(item, bytes):
+            self._room.release()
+        return item
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine
 
@@ -388,7 +419,8 @@ class _Job:
         self, stream: RangeStream, first_stop: int | None, plan: list[tuple[int, int | None]]
     ) -> None:
         chunks: list[tuple[int, int | None]] = [(self.frontier, first_stop), *plan]
-        queues: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in chunks]
+        limit = -(-self.options.chunk_size // self.options.piece_size) + 1
+        queues = [_Pieces(limit) for _ in chunks]
         window = max(1, self.options.connections)
         state = {"next": 1, "hashed": 0}
         cond = threading.Condition()
@@ -438,7 +470,7 @@ class _Job:
             with contextlib.suppress(OSError):
                 self._save_state()  # whatever ends this pass, the next one resumes from here
 
-    def _consume(self, pieces: queue.SimpleQueue[Any]) -> None:
+    def _consume(self, pieces: _Pieces) -> None:
         saved, saved_at = self.frontier, time.monotonic()
         every = max(self.options.chunk_size, 8 * MiB)
         while True:
@@ -464,7 +496,7 @@ class _Job:
         index: int,
         bounds: tuple[int, int | None],
         stream: RangeStream | None,
-        out: queue.SimpleQueue[Any],
+        out: _Pieces,
         abort: threading.Event,
     ) -> None:
         """Stream one chunk into the file and the queue, retrying from where it stopped."""
@@ -488,14 +520,15 @@ class _Job:
                         position += len(piece)
                         with self._fetched_lock:
                             self.fetched += len(piece)
-                        out.put(piece)
+                        if not out.put(piece, abort):
+                            return
                         self.budget.progressed()
                         if end is not None and position >= end:
                             break
                     if end is not None and position < end and self.size is not None:
                         raise TransientError(f"connection closed at byte {position} of {end}")
                     # (a clean end before ``end`` when the size is unknown is the end of file)
-                    out.put(_STOP)
+                    out.signal(_STOP)
                     return
                 except TransientError as error:
                     if end is None or isinstance(error, _OriginChanged):
@@ -505,9 +538,9 @@ class _Job:
                 finally:
                     stream = _close(stream)
         except _Cancelled:
-            out.put(FatalError("cancelled"))
+            out.signal(FatalError("cancelled"))
         except BaseException as error:  # handed to the hashing thread, which raises it
-            out.put(error)
+            out.signal(error)
 
 
 def _close(stream: RangeStream | None) -> RangeStream | None:
