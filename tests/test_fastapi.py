@@ -245,3 +245,17 @@ def test_without_fastapi_the_import_says_what_to_install() -> None:
     )
     assert probe.returncode == 0, probe.stderr
     assert "pip install 'modelcache[fastapi]'" in probe.stdout
+
+
+def test_routes_under_a_prefix(model_server: ModelServer, cache: Cache) -> None:
+    url, digest = served(model_server)
+    registry = Registry([handle(url, digest, cache, strategy="lazy")])
+    app = FastAPI(lifespan=lifespan(registry))
+    app.include_router(router(registry), prefix="/ops")
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 404
+        assert client.get("/ops/health").status_code == 200
+        assert client.post("/ops/models/net/load").status_code == 202
+        wait_for(lambda: client.get("/ops/ready").status_code == 200, what="ready")
+        page = client.get("/ops/models", headers={"Accept": "text/html"}).text
+        assert "fetch(location.pathname" in page  # the page refreshes from where it was served

@@ -162,3 +162,17 @@ def test_without_flask_the_import_says_what_to_install() -> None:
     )
     assert probe.returncode == 0, probe.stderr
     assert "pip install 'modelcache[flask]'" in probe.stdout
+
+
+def test_routes_under_a_prefix(model_server: ModelServer, cache: Cache) -> None:
+    registry = registry_for(model_server, cache, strategy="lazy")
+    app = Flask(__name__)
+    init_app(app, registry, url_prefix="/ops", close_at_exit=False)
+    client = app.test_client()
+    try:
+        assert client.get("/health").status_code == 404
+        assert client.get("/ops/health").status_code == 200
+        assert client.post("/ops/models/net/load").status_code == 202
+        wait_for(lambda: client.get("/ops/ready").status_code == 200, what="ready")
+    finally:
+        registry.close()
