@@ -385,3 +385,17 @@ def test_docs_testing_example_passes_under_pytest(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "2 passed" in done.stdout
+
+
+def test_whisper_recipe_with_int8(
+    fake_weights: FakeWeights, model_server: ModelServer, modelcache_home: Path
+) -> None:
+    path = fake_weights("whisper", **WHISPER_TEST_DIMS)
+    url, digest = serve(model_server, path)
+    handle = recipes.whisper("tiny", source=url, sha256=digest, quantize="int8")
+    model = handle.get()  # Whisper's layers subclass nn.Linear; its sparse buffer is skipped
+    assert handle.status()["quantization"]
+    with torch.no_grad():
+        logits = model(torch.randn(1, 80, 3000), torch.tensor([[50258, 50259]]))
+    assert logits.shape == (1, 2, WHISPER_TEST_DIMS["n_vocab"])
+    assert torch.isfinite(logits).all()

@@ -208,11 +208,15 @@ def _is_wrapper(tensor: Any) -> bool:
 
 def weight_bytes(model: Any) -> int:
     """Bytes held by the module's parameters and buffers (int8 weights: data plus scales)."""
+    import torch
+
     seen: set[tuple[int, int]] = set()
     total = 0
     for tensor in _leaf_tensors([*model.parameters(), *model.buffers()]):
         size = tensor.numel() * tensor.element_size()
-        pointer = tensor.data_ptr() if tensor.device.type != "meta" else 0
+        # meta and sparse tensors (Whisper's alignment_heads buffer) have no data pointer
+        real = tensor.device.type != "meta" and tensor.layout == torch.strided
+        pointer = tensor.data_ptr() if real else 0
         if pointer and (pointer, size) in seen:
             continue  # tied weights count once
         seen.add((pointer, size))
