@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import MiB, make_payload, sha
+from conftest import FAST, MiB, code_blocks, make_payload, sha
 from servers.hub import HubStandIn
 from servers.proxy import FaultProxy
-from servers.stores import S3_SECRET, S3Bucket
+from servers.stores import S3_KEY, S3_SECRET, GCSBucket, S3Bucket, ServerProcess
 
 from modelcache import Cache, IntegrityError, ModelHandle, SourceError
 from modelcache.testing import ModelServer
@@ -70,18 +72,13 @@ def test_mirror_chain_that_all_fails_lists_every_attempt_redacted(
     assert cache.entries() == []
 
 
-def test_directory_digest_is_the_sha256sum_manifest(
-    cache: Cache, s3_bucket: S3Bucket, tmp_path: Path
-) -> None:
+def test_directory_digest_is_the_sha256sum_manifest(cache: Cache, s3_bucket: S3Bucket) -> None:
     for name, data in REPO.items():
         s3_bucket.put(f"m/{name}", data)
     got = cache.fetch_details(s3_bucket.url("m/"), storage_options=s3_bucket.options())
 
     # the command docs/stores.md gives for computing a directory's sha256 by hand
-    command = (
-        "find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum "
-        "| sha256sum | cut -d' ' -f1"
-    )
+    (command,) = [b for b in code_blocks("stores.md", "bash") if "sha256sum" in b]
     by_hand = subprocess.run(
         ["bash", "-c", command], cwd=got.path, check=True, capture_output=True, text=True
     ).stdout.strip()
@@ -193,3 +190,127 @@ def test_selection_patterns_follow_the_hubs_rules() -> None:
     assert not selection.wants("model.bin")
     assert not Selection(exclude=("*.onnx",)).wants("model.onnx")
     assert Selection(exclude=("*.onnx",)).wants("model.bin")
+
+
+# -- docs/stores.md runs as written ---------------------------------------------------------------
+
+
+def test_stores_page_runs_as_documented(
+    s3_bucket: S3Bucket,
+    gcs_bucket: GCSBucket,
+    hub: HubStandIn,
+    model_server: ModelServer,
+    moto_server: ServerProcess,
+    gcs_server: ServerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sharp = make_payload(MiB, seed=31)
+    s3_bucket.put("sharp/sharp_2572gikvuh.pt", sharp)
+    for name in ("diffusion_model.safetensors", "config.json"):
+        s3_bucket.put(f"wan/{name}", make_payload(300_000, seed=len(name)))
+    sam2 = make_payload(500_000, seed=32)
+    gcs_bucket.put("sam2/sam2_hiera_large.pt", sam2)
+    whisper = {
+        "config.json": b"{}",
+        "model.bin": make_payload(400_000, seed=33),
+        "tokenizer.json": b'{"model": {}}',
+        "vocabulary.txt": b"a\n",
+        "README.md": b"# tiny\n",
+    }
+    commit = hub.push("Systran/faster-whisper-tiny", whisper)
+    hub.push("apple/Sharp", {"sharp_2572gikvuh.pt": sharp})
+    hub.push("Wan-AI/Wan2.1-I2V-14B-720P", {"config.json": b"{}", "model.bin": b"w" * 5000})
+    cdn = model_server.add("models/sharp/sharp_2572gikvuh.pt", sharp)
+    env = {
+        "AWS_ENDPOINT_URL": moto_server.endpoint,
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "STORAGE_EMULATOR_HOST": gcs_server.endpoint,
+        "MODELCACHE_HOME": str(tmp_path / "home"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    image_cache = tmp_path / "opt" / "modelcache"  # what the Docker build baked in
+    Cache(image_cache).fetch(gcs_bucket.url("sam2/sam2_hiera_large.pt"))
+    swaps = {
+        "s3://my-models/": f"s3://{s3_bucket.name}/",
+        "gs://my-models/": f"gs://{gcs_bucket.name}/",
+        "https://ml-site.cdn-apple.com/models/sharp/sharp_2572gikvuh.pt": cdn,
+        "https://minio.internal:9000": moto_server.endpoint,
+        "MODELS_READER": S3_KEY,
+        "s3cr3t-v4lue": S3_SECRET,
+        "d90ca5fe260221311c53c58e660288d3deb8d356": commit,
+        "/workspace": str(tmp_path / "workspace"),
+        "/opt/modelcache": str(image_cache),
+        '"/cache"': f'"{tmp_path / "cache"}"',
+    }
+
+    def swap(text: str) -> str:
+        for old, new in swaps.items():
+            text = text.replace(old, new)
+        return text
+
+    namespace: dict[str, Any] = {"__name__": "docs_stores"}
+    for n, block in enumerate(code_blocks("stores.md", "python")):
+        exec(compile(swap(block), f"docs/stores.md[python {n}]", "exec"), namespace)
+
+    wan_shard = make_payload(300_000, seed=len("diffusion_model.safetensors"))
+    assert namespace["path"].read_bytes() == sharp
+    assert namespace["shard"].read_bytes() == wan_shard
+    assert namespace["checkpoint"].read_bytes() == sam2
+    assert namespace["weights"].read_bytes() == whisper["model.bin"]
+    assert sorted(p.name for p in namespace["whisper"].iterdir()) == [
+        "config.json",
+        "model.bin",
+        "tokenizer.json",
+        "vocabulary.txt",
+    ]
+    assert sorted(p.name for p in namespace["wan"].iterdir()) == [
+        "config.json",
+        "diffusion_model.safetensors",
+    ]
+    assert namespace["done"].sha256 == sha(sharp)
+    assert s3_bucket.head("sharp/sharp_2572gikvuh.pt")["Metadata"] == {"sha256": sha(sharp)}
+    assert namespace["state_dict_path"].read_bytes() == sharp
+    assert image_cache in namespace["sam2"].parents  # used in place from the image's cache
+
+    shell_env = {**os.environ, **env, "HF_ENDPOINT": hub.url, "MODELCACHE_PROGRESS": "0"}
+    for block in code_blocks("stores.md", "bash"):
+        if "sha256sum" in block:
+            continue  # run against a directory entry by the test above
+        done = subprocess.run(
+            ["bash", "-c", swap(block)],
+            env=shell_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"{block}\n{done.stdout}\n{done.stderr}"
+    assert s3_bucket.get("whisper/faster-whisper-tiny/model.bin") == whisper["model.bin"]
+    volume = Cache(tmp_path / "workspace" / "modelcache", offline=True)
+    assert volume.fetch("hf://Wan-AI/Wan2.1-I2V-14B-720P").name == "Wan2.1-I2V-14B-720P"
+
+    # the error shown on the page has the shape of the real one
+    (shown,) = code_blocks("stores.md", "text")
+    s3_bucket.delete("sharp/sharp_2572gikvuh.pt")
+    model_server.fail_next("models/sharp/sharp_2572gikvuh.pt", times=1000, status=503)
+    hub.fail(times=1000, status=404, match=lambda method, path: "/apple/Sharp" in path)
+    failing = ModelHandle(
+        "sharp",
+        source=[
+            s3_bucket.url("sharp/sharp_2572gikvuh.pt"),
+            "hf://apple/Sharp/sharp_2572gikvuh.pt",
+            cdn,
+        ],
+        cache=Cache(tmp_path / "empty", transfer=FAST),
+    )
+    with pytest.raises(SourceError) as caught:
+        failing.fetch()
+    real, page = str(caught.value).splitlines(), shown.splitlines()
+    assert len(real) == len(page)
+    assert real[:2] == [swap(page[0]), page[1]]
+    for ours, documented in zip(real[2:], page[2:], strict=True):
+        assert ours.split(": ")[1].split()[0] == swap(documented).split(": ")[1].split()[0]
