@@ -107,18 +107,11 @@ def _rounds(
 def _row(
     figure: str, title: str, name: str, samples: list[dict[str, float]], size: int, **extra: Any
 ) -> dict[str, Any]:
-    return row(
-        figure,
-        name,
-        [s["s"] for s in samples],
-        unit="s",
-        title=title,
-        **{
-            "origin requests": int(summarize([s["requests"] for s in samples]).median),
-            "origin bytes (x file)": summarize([s["bytes"] for s in samples]).median / size,
-        },
-        **extra,
-    )
+    counts: dict[str, Any] = {
+        "origin requests": int(summarize([s["requests"] for s in samples]).median),
+        "origin bytes (x file)": summarize([s["bytes"] for s in samples]).median / size,
+    }
+    return row(figure, name, [s["s"] for s in samples], unit="s", title=title, **counts, **extra)
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -137,7 +130,13 @@ def run(quick: bool) -> list[dict[str, Any]]:
         digest = sha256_file(checkpoint)
         size = checkpoint.stat().st_size
         url = server.add("net.pt", checkpoint)
-        common = {"url": url, "digest": digest, "server": server, "name": "net.pt", "root": root}
+        common: dict[str, Any] = {
+            "url": url,
+            "digest": digest,
+            "server": server,
+            "name": "net.pt",
+            "root": root,
+        }
         label = f"{size / MiB:.0f} MiB"
 
         title = f"{racers} processes racing on one cold cache ({label} .pt, fetched, not loaded)"
