@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 MiB = 1 << 20
+_SAVE_EVERY = 0.5  # seconds between two records of the resume frontier
 Progress = Callable[[int, "int | None"], None]
 """A progress callback: ``(bytes_done, bytes_total_or_None)``."""
 
@@ -336,6 +337,7 @@ class _Job:
         self.fetched = 0
         self._fetched_lock = threading.Lock()
         self.on_size: Callable[[int, int], None] | None = None
+        self._saved_at = time.monotonic()
         self._size_checked = False
 
     # -- the outer loop: one attempt per (re)connection of the first stream --------------------
@@ -408,6 +410,12 @@ class _Job:
 
     def _save_state(self) -> None:
         _write_resume_state(self.part, self.frontier, self.etag, self.size)
+        self._saved_at = time.monotonic()
+
+    def _maybe_save_state(self) -> None:
+        """Record the frontier about once a second: a kill loses at most that much work."""
+        if time.monotonic() - self._saved_at >= _SAVE_EVERY:
+            self._save_state()
 
     def _report(self) -> None:
         if self.progress is not None:
@@ -459,7 +467,7 @@ class _Job:
                 with cond:
                     state["hashed"] = index + 1
                     cond.notify_all()
-                self._save_state()
+                self._maybe_save_state()
         finally:
             abort.set()
             with cond:
@@ -471,8 +479,6 @@ class _Job:
                 self._save_state()  # whatever ends this pass, the next one resumes from here
 
     def _consume(self, pieces: _Pieces) -> None:
-        saved, saved_at = self.frontier, time.monotonic()
-        every = max(self.options.chunk_size, 8 * MiB)
         while True:
             try:
                 item = pieces.get(timeout=0.25)
@@ -486,9 +492,7 @@ class _Job:
                 raise item
             self.hasher.update(item)
             self.frontier += len(item)
-            if self.frontier - saved >= every or time.monotonic() - saved_at >= 1.0:
-                self._save_state()  # a long single stream resumes from here after a kill
-                saved, saved_at = self.frontier, time.monotonic()
+            self._maybe_save_state()  # also within a long single stream
             self._report()
 
     def _fetch_chunk(
