@@ -295,15 +295,9 @@ def _etag_of(info: Mapping[str, Any]) -> str | None:
 
 def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a filesystem call, sorting its failures into fatal and transient."""
+    from .filesystems import classify  # the same rules as the S3, GCS and Hub readers
+
     try:
         return function(*args, **kwargs)
-    except FileNotFoundError as error:
-        raise FatalError(f"not found: {error}", 404) from None
-    except PermissionError as error:
-        raise FatalError(f"refused: {error}", 403) from None
-    except (TransientError, FatalError):
-        raise
-    except (ValueError, TypeError, NotImplementedError) as error:
-        raise FatalError(f"{type(error).__name__}: {error}") from None
     except Exception as error:
-        raise TransientError(f"{type(error).__name__}: {error}") from None
+        raise classify(error) from None
