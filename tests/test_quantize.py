@@ -537,7 +537,9 @@ handle = ModelHandle("net", source=path, sha256=sha256, loader=module_loader(pla
 handle.start()
 with torch.no_grad():
     out = handle.get()(torch.linspace(-1, 1, 96).reshape(3, 32))
-print(json.dumps({"torchao_imported": "torchao" in sys.modules, "out": out.tolist(),
+heavy = [m for m in ("torchao", "torch._dynamo", "torch.distributed.tensor", "sympy")
+         if m in sys.modules]
+print(json.dumps({"heavy_imports": heavy, "out": out.tolist(),
                   "quantization": handle.status()["quantization"]}))
 """
 
@@ -546,7 +548,7 @@ def plain_net() -> nn.Module:
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
 
 
-def test_warm_start_in_a_new_process_never_imports_torchao(
+def test_warm_start_in_a_new_process_imports_neither_torchao_nor_sympy(
     modelcache_home: Path, tmp_path: Path
 ) -> None:
     import json
@@ -577,5 +579,44 @@ def test_warm_start_in_a_new_process_never_imports_torchao(
     report = json.loads(done.stdout)
     assert report["quantization"]["cache_hit"] is True
     assert report["quantization"]["quantize_s"] is None
-    assert report["torchao_imported"] is False
+    assert report["heavy_imports"] == []
     assert torch.equal(torch.tensor(report["out"]), expected)
+
+
+def test_int8_weight_behaves_as_a_read_only_weight() -> None:
+    import copy
+    import io
+
+    torch.manual_seed(6)
+    qdata = torch.randint(-127, 128, (16, 8), dtype=torch.int8)
+    scale = torch.rand(16, 1) / 100
+    weight = Int8Weight(qdata, scale, torch.float32)
+    dense = qdata.float() * scale
+    layer = Linear(8, 16)  # the Whisper-like subclass: calls self.weight.to(x.dtype)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    x = torch.randn(4, 8)
+
+    assert torch.allclose(layer(x), F.linear(x, dense, layer.bias), atol=1e-6)
+    assert layer(x.double()).dtype == torch.float64
+    assert weight.shape == (16, 8)
+    assert weight.size(0) == 16
+    assert weight.dtype == torch.float32
+    assert weight[3].tolist() == dense[3].tolist()
+    assert torch.equal(weight.t(), dense.t())
+    assert "Int8Weight(shape=(16, 8)" in repr(layer.weight)
+    with pytest.raises(RuntimeError, match="read-only"):
+        weight.mul_(2)
+    with pytest.raises(RuntimeError, match="read-only"):
+        weight[0] = 0
+    assert torch.equal(weight.qdata, qdata)
+
+    twin = copy.deepcopy(layer)
+    assert isinstance(twin.weight, Int8Weight)
+    assert torch.equal(twin(x), layer(x))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["weight"]
+    assert isinstance(loaded, Int8Weight)
+    assert torch.equal(loaded.qdata, qdata)
+    assert torch.equal(loaded.scale, scale)

@@ -25,6 +25,27 @@ __all__ = ["Int8Weight"]
 
 aten = torch.ops.aten
 _ALIASES = {aten.detach.default, aten.alias.default}
+_ALIAS_METHODS = {torch.Tensor.detach, torch.Tensor.view_as}
+_INPLACE = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__imatmul__"}
+_METADATA = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.ndimension,
+    torch.Tensor.numel,
+    torch.Tensor.nelement,
+    torch.Tensor.element_size,
+    torch.Tensor.stride,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.get_device,
+    torch.Tensor.requires_grad_,
+    torch.Tensor.__len__,
+    torch.Tensor.__repr__,
+    torch.Tensor.__format__,
+    torch.Tensor.__hash__,
+    torch.Tensor.__reduce_ex__,
+}
 
 
 class Int8Weight(torch.Tensor):
@@ -72,16 +93,32 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # Everything is answered here, above the dispatcher: torch imports
+        # torch.distributed.tensor (and sympy: ~45 MB, ~2 s) the first time a Python
+        # subclass reaches __torch_dispatch__, which would undo what a warm start saves.
         kwargs = kwargs or {}
+        this = args[0] if args and isinstance(args[0], Int8Weight) else None
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(weight, Int8Weight) and not isinstance(x, Int8Weight):
                 return _linear(x, weight, bias)
-        if func is torch.Tensor.to and isinstance(args[0], Int8Weight):
-            return _to(args[0], *args[1:], **kwargs)
+        elif this is not None and func is torch.Tensor.to:
+            return _to(this, *args[1:], **kwargs)
+        elif this is not None and func in _ALIAS_METHODS:
+            return this._with()
+        elif this is not None and func is torch.Tensor.clone:
+            return this._with(qdata=this.qdata.clone(), scale=this.scale.clone())
+        elif this is not None and func is torch.Tensor.__deepcopy__:
+            return _deepcopy(this, *args[1:])
+        name = getattr(func, "__name__", "")
+        if this is not None and (func in _METADATA or name in ("__get__", "__set__")):
+            with torch._C.DisableTorchFunctionSubclass():  # attributes: on the weight itself
+                return func(*args, **kwargs)
+        if this is not None and (name in _INPLACE or (name.endswith("_") and name[0] != "_")):
+            raise RuntimeError(f"int8 weights are read-only ({name} would change them)")
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            return func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
 
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]
@@ -95,10 +132,21 @@ class Int8Weight(torch.Tensor):
         if func._schema.is_mutable:
             raise RuntimeError(f"int8 weights are read-only ({func} would change them)")
 
-        def plain(value: Any) -> Any:
-            return value.dequantize() if isinstance(value, Int8Weight) else value
+        return func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
 
-        return func(*tree_map(plain, args), **tree_map(plain, kwargs))
+
+def _plain(value: Any) -> Any:
+    return value.dequantize() if isinstance(value, Int8Weight) else value
+
+
+def _deepcopy(weight: Int8Weight, memo: dict[int, Any]) -> Int8Weight:
+    import copy
+
+    copied = weight._with(
+        qdata=copy.deepcopy(weight.qdata, memo), scale=copy.deepcopy(weight.scale, memo)
+    )
+    memo[id(weight)] = copied
+    return copied
 
 
 def _linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
