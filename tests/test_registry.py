@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_payload, wait_for
+from conftest import FAST, make_payload, wait_for
 
 from modelcache import Cache, ModelHandle, Registry, SourceError, State
 from modelcache.testing import ModelServer
@@ -164,9 +165,10 @@ def test_close_during_a_throttled_download_stops_everything(
     model_server: ModelServer, cache: Cache
 ) -> None:
     assert _modelcache_threads() == []
+    cache = Cache(cache.path, read_only_paths=[], transfer=replace(FAST, connections=2))
     size = 32 * MiB
     url = model_server.add("big.bin", make_payload(size))
-    model_server.set_rate("big.bin", 4 * MiB)  # 8 s in all, a 1 MiB piece every 0.25 s
+    model_server.set_rate("big.bin", 4 * MiB)  # 2 connections: 4 s in all, a piece every 0.25 s
     small = model_server.add("small.bin", b"small")
     models = Registry(
         [
