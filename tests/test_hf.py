@@ -226,3 +226,11 @@ def test_stand_in_is_faithful_to_huggingface_hub(hub: HubStandIn, tmp_path: Path
         assert Path(path).read_bytes() == WHISPER[name]
     listed = HfApi(endpoint=hub.url).list_repo_tree("Systran/faster-whisper-tiny", recursive=True)
     assert sorted(f.path for f in listed) == sorted(WHISPER)
+
+
+def test_retry_after_from_the_hub_is_honoured(cache: Cache, hub: HubStandIn) -> None:
+    hub.push("org/m", {"w.bin": b"w" * 3000})
+    hub.fail(times=1, status=429, retry_after=1.0, match=lambda m, p: p.startswith("/api/models"))
+    started = time.monotonic()
+    assert cache.fetch("hf://org/m/w.bin").read_bytes() == b"w" * 3000
+    assert time.monotonic() - started >= 1.0

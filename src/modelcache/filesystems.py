@@ -172,6 +172,20 @@ def _status(error: BaseException) -> tuple[int | None, str | None]:
     return None, None
 
 
+def _retry_after(error: BaseException) -> float | None:
+    """The seconds a ``Retry-After`` header of the error's response asks to wait, if any."""
+    response = getattr(error, "response", None)
+    if isinstance(response, Mapping):  # botocore: lowercased header names
+        headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+    else:
+        headers = getattr(response, "headers", None) or {}
+    try:
+        value = headers.get("retry-after") or headers.get("Retry-After")
+        return max(0.0, float(value)) if value is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _names(error: BaseException) -> list[str]:
     return [cls.__name__ for cls in type(error).__mro__]
 
@@ -203,7 +217,7 @@ def classify(error: BaseException) -> FatalError | TransientError:
         if code in _RETRY_CODES or (
             status is not None and (status in _RETRY_STATUS or status >= 500)
         ):
-            return TransientError(f"HTTP {status} {code or ''}".strip())
+            return TransientError(f"HTTP {status} {code or ''}".strip(), _retry_after(item))
         return FatalError(f"{code or f'HTTP {status}'}: {described}", status)
     if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
         return FatalError(f"no credentials: {described}", 401)
@@ -245,7 +259,8 @@ def retrying(
                     f"in {elapsed:.1f}s)"
                 ) from None
             delay = min(options.max_backoff, options.backoff * 2**attempt)
+            delay *= random.uniform(0.5, 1.5)
             if sorted_error.retry_after is not None:
                 delay = max(delay, sorted_error.retry_after)
-            time.sleep(min(delay * random.uniform(0.5, 1.5), options.deadline - elapsed))
+            time.sleep(min(delay, options.deadline - elapsed))
     raise AssertionError("unreachable")

@@ -61,6 +61,7 @@ class _Fault:
     times: int
     status: int | None = None
     cut_after: int | None = None
+    retry_after: float | None = None
 
 
 class HubStandIn:
@@ -161,10 +162,16 @@ class HubStandIn:
 
     # -- faults and counters ------------------------------------------------------------------
 
-    def fail(self, times: int = 1, status: int = 503, match: Match = lambda m, p: True) -> None:
-        """Answer the next ``times`` matching requests with ``status``."""
+    def fail(
+        self,
+        times: int = 1,
+        status: int = 503,
+        match: Match = lambda m, p: True,
+        retry_after: float | None = None,
+    ) -> None:
+        """Answer the next ``times`` matching requests with ``status`` (and ``Retry-After``)."""
         with self._lock:
-            self._faults.append(_Fault(match, times, status=status))
+            self._faults.append(_Fault(match, times, status=status, retry_after=retry_after))
 
     def cut(self, after: int, times: int = 1, match: Match = lambda m, p: True) -> None:
         """Close the connection after ``after`` body bytes of the next matching responses."""
@@ -269,13 +276,16 @@ def _make_handler(hub: HubStandIn, cdn: bool) -> type[BaseHTTPRequestHandler]:
             if body and payload:
                 self.wfile.write(payload)
 
-        def _error(self, status: int, code: str, message: str, body: bool) -> None:
-            self._answer(
-                status,
-                json.dumps({"error": message}).encode(),
-                {"X-Error-Code": code, "X-Error-Message": message},
-                body,
-            )
+        def _error(
+            self,
+            status: int,
+            code: str,
+            message: str,
+            body: bool,
+            extra: dict[str, str] | None = None,
+        ) -> None:
+            headers = {"X-Error-Code": code, "X-Error-Message": message, **(extra or {})}
+            self._answer(status, json.dumps({"error": message}).encode(), headers, body)
 
         def _json(self, data: Any, headers: dict[str, str] | None = None) -> None:
             self._answer(200, json.dumps(data).encode(), headers)
@@ -286,7 +296,10 @@ def _make_handler(hub: HubStandIn, cdn: bool) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             fault = hub._take(self.command, parts.path)
             if fault is not None and fault.status is not None:
-                self._error(fault.status, "Injected", "injected by the test stand-in", body)
+                wait = (
+                    {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+                )
+                self._error(fault.status, "Injected", "injected by the test stand-in", body, wait)
                 return
             cut = fault.cut_after if fault is not None else None
             segments = [unquote(s) for s in parts.path.strip("/").split("/")]
