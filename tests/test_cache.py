@@ -30,6 +30,7 @@ from modelcache import (
     Cache,
     InsufficientSpaceError,
     IntegrityError,
+    LockTimeoutError,
     ModelCacheError,
     NotCachedError,
     SourceError,
@@ -241,6 +242,24 @@ def test_a_lock_held_by_a_killed_process_does_not_block(
     path = Cache(modelcache_home, transfer=FAST, lock_timeout=300).fetch(url, sha(data))
     assert path.read_bytes() == data
     assert time.monotonic() - started < 10
+
+
+def test_a_stuck_writer_makes_waiters_time_out(
+    modelcache_home: Path, model_server: ModelServer, spawn
+) -> None:
+    data = make_payload(MiB)
+    url = model_server.add("stuck.bin", data)
+    model_server.set_delay("stuck.bin", 60.0)  # the writer gets no byte: it makes no progress
+    spawn(modelcache_home, url, replace(FAST, stall_timeout=120.0))
+    wait_for(lambda: model_server.count("stuck.bin")[0] >= 1, what="the writer's request")
+    cache = Cache(modelcache_home, transfer=FAST, lock_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(LockTimeoutError) as caught:
+        cache.fetch(url, model="stuck-model")
+    assert 1.0 <= time.monotonic() - started < 10
+    assert isinstance(caught.value, TimeoutError)
+    assert "stuck-model" in str(caught.value)
+    assert url in str(caught.value)
 
 
 # ---------------------------------------------------------------------------------------------
