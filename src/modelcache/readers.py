@@ -1,9 +1,9 @@
 """Readers: open byte ranges of one remote file, over HTTP(S) or any fsspec filesystem.
 
 HTTP(S) goes through urllib3 directly rather than fsspec's aiohttp-based ``HTTPFileSystem``:
-measured on 127.0.0.1 (see ``docs/benchmarks.md``), ``fsspec.get`` streams at about a quarter
-of a plain urllib3/requests loop, and the engine needs several keep-alive connections issuing
-ranged requests from worker threads, which urllib3's thread-safe pool gives directly.
+the engine needs several keep-alive connections issuing blocking ranged requests from worker
+threads, which urllib3's thread-safe pool gives directly, and ``fsspec.get`` was slower than a
+plain requests loop on 127.0.0.1 (``benchmarks/bench_fetch.py``).
 Every other protocol (s3, gs, hf, ...) goes through fsspec.
 """
 
