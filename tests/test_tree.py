@@ -136,6 +136,26 @@ def test_files_of_a_directory_are_fetched_concurrently(
     assert elapsed < 3.0
 
 
+def test_cancelling_a_directory_fetch_stops_every_file(
+    cache: Cache, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    for i in range(3):
+        s3_bucket.put(f"stuck/part-{i}.bin", make_payload(1000, seed=i))
+    s3_proxy.fail(times=1000, status=503, delay=0.3, match=lambda m, p: "/stuck/part-" in p)
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="cancelled"):
+        cache.fetch_details(
+            s3_bucket.url("stuck/"),
+            storage_options=s3_bucket.options(s3_proxy.url),
+            cancel=cancel,
+        )
+    assert time.monotonic() - started < 3.0
+    assert cache.entries() == []
+
+
 def test_concurrent_fetches_of_one_directory_download_it_once(
     cache: Cache, s3_bucket: S3Bucket, s3_proxy: FaultProxy
 ) -> None:

@@ -311,7 +311,7 @@ class _TreeJob:
     def run(self) -> list[tuple[RemoteFile, Path, TransferResult]]:
         self._check_space()
         results: dict[int, tuple[Path, TransferResult]] = {}
-        failure: BaseException | None = None
+        errors: list[BaseException] = []
         with concurrent.futures.ThreadPoolExecutor(
             self.at_once, thread_name_prefix="modelcache-file"
         ) as pool:
@@ -327,15 +327,13 @@ class _TreeJob:
                     error = future.exception()
                     if error is None:
                         results[futures[future]] = future.result()
-                    elif failure is None and not _is_cancel(error):
-                        failure = error
-                        self.stop.set()
-                    elif failure is None and self.user_cancel is None:
-                        failure = error
-        if failure is None and len(results) < len(self.plan.files):
-            failure = SourceError("cancelled", model=self.model, source=self.source.redacted)
-        if failure is not None:
-            raise failure
+                    else:
+                        errors.append(error)
+                        self.stop.set()  # one file failed: the others stop (their parts stay)
+        if errors:  # the first real failure, not the cancellations it caused
+            raise next((e for e in errors if not _is_cancel(e)), errors[0])
+        if len(results) < len(self.plan.files):
+            raise SourceError("cancelled", model=self.model, source=self.source.redacted)
         return [(self.plan.files[i], *results[i]) for i in range(len(self.plan.files))]
 
     def _check_space(self) -> None:
