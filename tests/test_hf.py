@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -234,3 +235,13 @@ def test_retry_after_from_the_hub_is_honoured(cache: Cache, hub: HubStandIn) -> 
     started = time.monotonic()
     assert cache.fetch("hf://org/m/w.bin").read_bytes() == b"w" * 3000
     assert time.monotonic() - started >= 1.0
+
+
+def test_missing_huggingface_hub_names_the_install_command(
+    cache: Cache, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if the extra were missing
+    with pytest.raises(SourceError) as caught:
+        cache.fetch("hf://org/m/w.bin", model="m")
+    assert "pip install 'modelcache[hf]'" in str(caught.value)
+    assert hub.requests == []
