@@ -54,7 +54,7 @@ def service(
     checkpoint: Path, model_server: ModelServer, modelcache_home: Path, tmp_path: Path
 ) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes], Path]]:
     url = model_server.add("mirror/tiny.pt", checkpoint)
-    model_server.set_rate("mirror/tiny.pt", 1 << 20)  # a few seconds of download
+    model_server.set_rate("mirror/tiny.pt", 512 * 1024)  # a few seconds of download
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)

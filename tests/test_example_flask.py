@@ -90,7 +90,7 @@ def start_app(
 def test_on_demand_the_first_request_starts_the_download(
     start_app: Callable[..., App], model_server: ModelServer
 ) -> None:
-    model_server.set_rate("mirror/tiny.pt", 1 << 20)  # a download of a few seconds
+    model_server.set_rate("mirror/tiny.pt", 512 * 1024)  # a download of a few seconds
     app = start_app()
     with httpx.Client(base_url=app.url(), timeout=60) as client:
         assert client.get("/health").status_code == 200

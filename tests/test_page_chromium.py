@@ -51,8 +51,8 @@ def browse(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess[
 @pytest.fixture
 def page_url(model_server: ModelServer, cache: Cache) -> Iterator[tuple[str, Registry]]:
     """uvicorn (in a thread) serving a registry with a downloading, a ready and a failed model."""
-    downloading = model_server.add("whisper-tiny.pt", make_payload(16 * MiB, seed=1))
-    model_server.set_rate("whisper-tiny.pt", 256 * 1024)  # 4 connections: about 16 s in all
+    downloading = model_server.add("whisper-tiny.pt", make_payload(32 * MiB, seed=1))
+    model_server.set_rate("whisper-tiny.pt", 128 * 1024)  # per connection: 16 s or more in all
     cache = Cache(cache.path, read_only_paths=[], transfer=replace(FAST, piece_size=64 * 1024))
     small = model_server.add("minilm.safetensors", make_payload(64 * 1024, seed=2))
     registry = Registry([
@@ -104,7 +104,7 @@ def test_the_page_shows_state_progress_and_errors_while_loading(
     bar = re.search(r'role="progressbar"[^>]*aria-valuenow="([\d.]+)"', whisper)
     assert bar is not None
     assert 0 < float(bar.group(1)) < 100
-    assert re.search(r"[\d.]+ [KM]iB of 16\.0 MiB \(\d+%\)", whisper)
+    assert re.search(r"[\d.]+ [KM]iB of 32\.0 MiB \(\d+%\)", whisper)
     minilm = section(dom, "minilm")
     assert 'data-state="ready"' in minilm
     assert "<td>fetch</td>" in minilm

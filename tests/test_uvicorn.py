@@ -75,10 +75,10 @@ class Service:
 def service(
     tmp_path: Path, model_server: ModelServer, modelcache_home: Path
 ) -> Iterator[tuple[Service, float]]:
-    """The app served by uvicorn while its 6 MiB model downloads at about 2 MiB/s."""
+    """The app served by uvicorn while its 6 MiB model downloads for a few seconds."""
     payload = make_payload(6 * MiB, seed=3)
     url = model_server.add("net.bin", payload)
-    model_server.set_rate("net.bin", 1 * MiB)  # per connection; the transfer opens two
+    model_server.set_rate("net.bin", 512 * 1024)  # per connection (the transfer opens several)
     (tmp_path / "probe_app.py").write_text(APP)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -153,7 +153,7 @@ def test_health_at_once_ready_503_then_200(service: tuple[Service, float]) -> No
         assert time.monotonic() < deadline, "never ready"
         time.sleep(0.1)
     assert ready.json()["ready"] is True
-    assert len(seen_progress) >= 3, "the status should show the download moving"
+    assert len(seen_progress) >= 2, "the status should show the download moving"
     assert server.get("/size").json() == {"bytes": 6 * MiB}
     assert server.get("/health").status_code == 200
 

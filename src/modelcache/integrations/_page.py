@@ -93,6 +93,7 @@ _SCRIPT = """
     if (m.bytes_total) {
       var pct = Math.min(100, 100 * m.bytes_done / m.bytes_total);
       fill.style.width = pct.toFixed(1) + "%%";
+      if (m.bytes_done > 0) fill.style.minWidth = "8px";  // a started download shows
       bar.setAttribute("aria-valuenow", pct.toFixed(1));
       text = human(m.bytes_done) + " of " + human(m.bytes_total) + " (" + pct.toFixed(0) + "%%)";
     } else {
