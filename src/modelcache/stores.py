@@ -2,8 +2,9 @@
 
 Both readers stream each byte range (never a whole object or range in memory):
 
-- S3 through s3fs's botocore client: one ``GetObject`` per range with ``Range`` and ``IfMatch``,
-  the body read in 1 MiB pieces, so credentials, regions and request options stay botocore's.
+- S3 through s3fs's botocore client: one ``GetObject`` per range, the body read in 1 MiB
+  pieces (the response's ``ETag`` tells whether the object changed), so credentials, regions
+  and request options stay botocore's.
 - GCS through gcsfs's endpoint and credentials, with the bytes read by modelcache's own HTTP
   reader (urllib3): gcsfs reads each range whole into memory.
 
@@ -18,8 +19,6 @@ memory, so ``connections * chunk`` bounds memory. ``storage_options={"s3": {"con
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,7 @@ from urllib.parse import urlencode
 from .filesystems import classify, open_filesystem, retrying, transfer_options
 from .readers import FsspecReader, HTTPReader
 from .sources import Source
-from .transfer import FatalError, RangeStream, Reader, TransferOptions, TransientError
+from .transfer import FatalError, RangeStream, Reader, TransferOptions
 from .tree import Plan, RemoteFile, Selection
 
 __all__ = ["S3_CHUNK", "S3_CONNECTIONS", "GCSReader", "S3Reader", "plan_store"]
@@ -112,23 +111,11 @@ def _etag(info: dict[str, Any]) -> str | None:
 
 
 def _declared_sha256(info: dict[str, Any]) -> str | None:
-    """A sha256 the store keeps beside the object: metadata ``sha256`` (``modelcache mirror``
-    writes it) or a full-object S3 ``ChecksumSHA256``."""
+    """The sha256 kept in the object's metadata (``modelcache mirror`` writes it)."""
     metadata = info.get("metadata") or info.get("Metadata") or {}
     value = metadata.get("sha256") if isinstance(metadata, dict) else None
     if isinstance(value, str) and len(value) == 64:
         return value.lower()
-    checksum = info.get("ChecksumSHA256")
-    if (
-        isinstance(checksum, str)
-        and "-" not in checksum
-        and info.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
-    ):
-        try:
-            raw = base64.b64decode(checksum, validate=True)
-        except (binascii.Error, ValueError):
-            return None
-        return raw.hex() if len(raw) == 32 else None
     return None
 
 
@@ -145,7 +132,6 @@ class S3Reader(Reader):
             self._target["VersionId"] = version
         self.chunk_size = chunk_size
         self._stall = stall_timeout
-        self._head: dict[str, Any] | None = None
         self.declared_sha256: str | None = None
 
     def _call(self, method: str, **kwargs: Any) -> Any:
@@ -163,38 +149,29 @@ class S3Reader(Reader):
         except Exception as error:
             raise classify(error) from None
 
-    def head(self) -> dict[str, Any]:
-        """``HeadObject`` of the object, asked once (again after the object changed)."""
-        if self._head is None:
-            self._head = self._call("head_object", ChecksumMode="ENABLED")
-            self.declared_sha256 = _declared_sha256(self._head)
-        return self._head
-
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
-        head = self.head()
-        size = int(head["ContentLength"])
-        current = head.get("ETag")
-        if etag is not None and current is not None and current != etag:
-            start = 0  # the object changed since the part file was started
-        stop = size if end is None else min(end, size)
-        if start >= stop:
-            return RangeStream(iter(()), start, size, current, True)
-        request: dict[str, Any] = {"Range": f"bytes={start}-{stop - 1}"}
-        if current:
-            request["IfMatch"] = current
+        # No HEAD and no IfMatch: the response's own ETag tells the engine whether the object
+        # is still the one it started with (it starts again from byte 0 when not), and each
+        # costs a request, or on moto a pass over the whole object.
+        request: dict[str, Any] = {}
+        if start or end is not None:
+            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
             response = self._call("get_object", **request)
         except FatalError as error:
-            if error.status == 412 or "PreconditionFailed" in str(error):
-                self._head = None  # changed between HEAD and GET: the engine starts again
-                raise TransientError("the object changed during the download") from None
+            if start and (error.status == 416 or "InvalidRange" in str(error)):
+                return self.open(0, end, None)  # the object shrank: it changed, start again
             raise
+        size, first = _extent(response, start)
+        metadata = {"Metadata": response.get("Metadata") or {}}
+        self.declared_sha256 = _declared_sha256(metadata)
         body = response["Body"]
+        length = int(response.get("ContentLength") or 0)
         return RangeStream(
-            self._pieces(body, stop - start),
-            start,
+            self._pieces(body, length),
+            first,
             size,
-            current,
+            response.get("ETag"),
             True,
             close=lambda: self._close(body),
         )
@@ -218,6 +195,16 @@ class S3Reader(Reader):
 
         with contextlib.suppress(Exception):  # closing a read stream cannot lose data
             sync(self._fs.loop, _aclose, body, timeout=5)
+
+
+def _extent(response: dict[str, Any], start: int) -> tuple[int | None, int]:
+    """``(object size, first byte)`` of a ``GetObject`` answer."""
+    content_range = str(response.get("ContentRange") or "")
+    if content_range.startswith("bytes ") and "/" in content_range:
+        span, _, total = content_range[len("bytes ") :].partition("/")
+        first = int(span.split("-")[0]) if span[:1].isdigit() else start
+        return (int(total) if total.isdigit() else None), first
+    return int(response.get("ContentLength") or 0), 0
 
 
 async def _read(body: Any, size: int) -> bytes:
