@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 
 from modelcache import Cache
 from modelcache.demo.model import MODEL_NAME, SHA256, package_folder
@@ -106,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[listener])
+        with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
+            uvicorn.Server(config).run(sockets=[listener])
     return 0
 
 
