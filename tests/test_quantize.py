@@ -620,3 +620,21 @@ def test_int8_weight_behaves_as_a_read_only_weight() -> None:
     assert isinstance(loaded, Int8Weight)
     assert torch.equal(loaded.qdata, qdata)
     assert torch.equal(loaded.scale, scale)
+
+
+def test_int8_weights_baked_into_a_read_only_layer_are_used_as_they_are(
+    tmp_path: Path, small_weights: Path, quantize_calls: list[int]
+) -> None:
+    """Quantize at build time, ship the cache as a read-only layer: the host never quantizes."""
+    baked = tmp_path / "image-cache"
+    build = small_handle(small_weights, cache=Cache(baked, read_only_paths=[]))
+    expected = small_output(build.get())
+    build.close()
+    host_cache = Cache(tmp_path / "volume", read_only_paths=[baked])
+
+    host = small_handle(small_weights, cache=host_cache)
+
+    assert torch.equal(small_output(host.get()), expected)
+    assert host.status()["quantization"]["cache_hit"] is True
+    assert len(quantize_calls) == 3  # the build's three layers, none on the host
+    assert [e.read_only for e in host_cache.entries()] == [True]
