@@ -9,11 +9,12 @@ weight page the model uses is read before READY, as in production) and prints ``
 - **int8, first start**: ``quantize="int8"`` with no cached int8 weights: the float weights are
   read, quantized with torchao and written to the cache as a derived entry;
 - **int8, warm start**: ``quantize="int8"`` again: the cached int8 weights are mapped, the float
-  ones never read.
+  ones never read, torchao never imported.
 
 Peak RSS is the child's ``ru_maxrss`` (through ``/usr/bin/time`` or a small Python parent).
 "Above imports" subtracts the RSS the process had right after ``import torch, modelcache``,
-which every contender pays alike (torchao's own import, about 85 MB, is counted against int8).
+which every contender pays alike (torchao's import, about 80 MB, counts against the first
+int8 start, the only one that imports it).
 The file stays in the page cache between starts (a restart on the same host).
 """
 
@@ -153,10 +154,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
         results = alternate({case: start(case) for case in CASES}, rounds, before=before)
         shutil.rmtree(cache, ignore_errors=True)
-    return _rows(results, model_bytes=model_bytes, width=width, layers=layers)
+    return _rows(results, quick=quick, model_bytes=model_bytes, width=width, layers=layers)
 
 
-def _rows(results: dict[str, list[dict[str, Any]]], **about: Any) -> list[dict[str, Any]]:
+def _rows(
+    results: dict[str, list[dict[str, Any]]], *, quick: bool, **about: Any
+) -> list[dict[str, Any]]:
     float_peak = _median([r["peak_rss"] for r in results["float"]])
     float_above = _median([r["peak_rss"] - r["baseline"] for r in results["float"]])
     size = f"{about['layers']} x Linear({about['width']}, {about['width']}) float32"
@@ -186,7 +189,9 @@ def _rows(results: dict[str, list[dict[str, Any]]], **about: Any) -> list[dict[s
                 **(
                     {
                         "goal": f"int8 warm start peak RSS <= {GOAL}x float's (above imports)",
-                        "met": ratio(_median(above) * MiB, float_above) <= GOAL,
+                        # an 8 MB model (--quick) is all import overhead: not judged
+                        "met": None if quick else ratio(_median(above) * MiB, float_above) <= GOAL,
+                        "note": "the warm start maps cached int8 weights; torchao is not imported",
                     }
                     if is_warm
                     else {}
