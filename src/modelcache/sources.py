@@ -158,13 +158,22 @@ def redact(text: str) -> str:
 
     def mask_query(match: re.Match[str]) -> str:
         query = match.group(0).split("?", 1)[1]
-        masked = "&".join(
-            f"{part.split('=', 1)[0]}={_MASK}" if "=" in part else part for part in query.split("&")
-        )
+        masked = "&".join(_mask_param(part) for part in query.split("&"))
         return f"{match.group('url')}?{masked}"
 
     text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{_MASK}@", text)
     return _URL_QUERY.sub(mask_query, text)
+
+
+# query parameters that select files (hf://owner/repo?include=...), never credentials
+_SHOWN_PARAMS = {"include", "exclude"}
+
+
+def _mask_param(part: str) -> str:
+    name, equals, _ = part.partition("=")
+    if not equals or name.lower() in _SHOWN_PARAMS:
+        return part
+    return f"{name}={_MASK}"
 
 
 def _options_for(protocol: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class ModelServer:
         """Body bytes written per path."""
         self.request_headers: list[tuple[str, dict[str, str]]] = []
         """``(path, headers)`` of every request, in order."""
-        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._server = _QuietServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -107,8 +107,9 @@ class ModelServer:
 
     # -- faults -------------------------------------------------------------------------------
 
-    def fail_next(self, name: str, times: int = 1, status: int = 503,
-                  headers: dict[str, str] | None = None) -> None:
+    def fail_next(
+        self, name: str, times: int = 1, status: int = 503, headers: dict[str, str] | None = None
+    ) -> None:
         """Answer the next ``times`` requests for ``/name`` with ``status``."""
         with self._lock:
             self._faults["/" + name.lstrip("/")].fail += [(status, headers or {})] * times
@@ -150,6 +151,17 @@ class ModelServer:
     def _sent(self, path: str, nbytes: int) -> None:
         with self._lock:
             self.bytes_sent[path] += nbytes
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client hanging up mid-body is normal in fault tests: no traceback for it."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 def _etag(content: bytes | Path) -> str:
@@ -224,8 +236,15 @@ def _make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
             if body:
                 self._send_body(path, content, start, end, cut, faults.rate)
 
-        def _send_body(self, path: str, content: bytes | Path, start: int, end: int,
-                       cut: int | None, rate: float | None) -> None:
+        def _send_body(
+            self,
+            path: str,
+            content: bytes | Path,
+            start: int,
+            end: int,
+            cut: int | None,
+            rate: float | None,
+        ) -> None:
             limit = end if cut is None else min(end, start + cut)
             position = start
             block = 256 * 1024 if rate is None else max(4096, int(rate / 50))
@@ -235,7 +254,7 @@ def _make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
                 while position < limit:
                     n = min(block, limit - position)
                     if handle is None:
-                        data = content[position:position + n]  # type: ignore[index]
+                        data = content[position : position + n]  # type: ignore[index]
                     else:
                         handle.seek(position)
                         data = handle.read(n)
