@@ -35,8 +35,12 @@ def modelcache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "modelcache-home"
     home.mkdir()
     monkeypatch.setenv("MODELCACHE_HOME", str(home))
-    for name in ("MODELCACHE_OFFLINE", "MODELCACHE_READ_ONLY_PATHS", "MODELCACHE_STRATEGY",
-                 "MODELCACHE_QUANTIZE"):
+    for name in (
+        "MODELCACHE_OFFLINE",
+        "MODELCACHE_READ_ONLY_PATHS",
+        "MODELCACHE_STRATEGY",
+        "MODELCACHE_QUANTIZE",
+    ):
         monkeypatch.delenv(name, raising=False)
     return home
 
