@@ -262,6 +262,37 @@ def test_a_stuck_writer_makes_waiters_time_out(
     assert url in str(caught.value)
 
 
+def test_cancel_stops_a_wait_on_another_writers_lock(
+    modelcache_home: Path, model_server: ModelServer, spawn
+) -> None:
+    # Registry.close() must not hang behind another process's download
+    data = make_payload(MiB)
+    url = model_server.add("held.bin", data)
+    model_server.set_delay("held.bin", 60.0)
+    spawn(modelcache_home, url, replace(FAST, stall_timeout=120.0))
+    wait_for(lambda: model_server.count("held.bin")[0] >= 1, what="the writer's request")
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            Cache(modelcache_home, transfer=FAST).fetch(url, model="held", cancel=cancel)
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()  # waiting on the lock
+    cancel.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(errors) == 1
+    assert isinstance(errors[0], SourceError)
+    assert "cancelled" in str(errors[0])
+    assert "held" in str(errors[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # resume
 

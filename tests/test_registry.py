@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import FAST, make_payload, wait_for
 
-from modelcache import Cache, ModelHandle, Registry, SourceError, State
+from modelcache import Cache, LoadError, ModelHandle, Registry, SourceError, State
 from modelcache.testing import ModelServer
 
 KiB = 1 << 10
@@ -206,3 +206,46 @@ def test_close_during_a_throttled_download_stops_everything(
     assert model_server.count("big.bin")[1] < size + sent
     models.close()
     assert _modelcache_threads() == []
+
+
+def test_an_idle_unloaded_required_model_keeps_the_service_ready(
+    model_server: ModelServer, cache: Cache
+) -> None:
+    # a readiness probe that failed here would take the pod out of the load balancer, and then
+    # no request would ever come to load the model again
+    url = model_server.add("m.bin", b"weights")
+    h = make("m", url, cache, loader=read_bytes, idle_unload=0.5)
+    models = Registry([h])
+    assert not models.ready  # never loaded yet
+    h.get()
+    assert models.ready
+    wait_for(lambda: h.state is State.UNLOADED, 10, "idle unload")
+    assert models.ready
+    assert models.status()["models"]["m"]["idle_unloaded"] is True
+    h.unload()  # an explicit unload does take it out
+    assert not models.ready
+    assert h.get() == b"weights"
+    assert models.ready
+    models.close()
+
+
+def test_an_idle_unloaded_model_that_fails_to_come_back_is_not_ready(
+    model_server: ModelServer, cache: Cache
+) -> None:
+    url = model_server.add("m.bin", b"weights")
+    calls: list[Path] = []
+
+    def load_once(path: Path) -> bytes:
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError("the volume went away")
+        return path.read_bytes()
+
+    h = make("m", url, cache, loader=load_once, idle_unload=0.5)
+    models = Registry([h])
+    h.get()
+    wait_for(lambda: h.state is State.UNLOADED, 10, "idle unload")
+    with pytest.raises(LoadError):
+        h.get()
+    assert not models.ready
+    models.close()

@@ -456,7 +456,7 @@ class Cache:
                 model=model,
                 source=source.redacted,
             ) from None
-        hit = self._wait_for_lock(lock, key, source, model, refresh)
+        hit = self._wait_for_lock(lock, key, source, model, refresh, cancel=cancel)
         if hit is not None:
             return hit
         try:
@@ -537,7 +537,14 @@ class Cache:
             reader.close()
 
     def _wait_for_lock(
-        self, lock: Any, key: str, source: Source, model: str | None, refresh: bool = False
+        self,
+        lock: Any,
+        key: str,
+        source: Source,
+        model: str | None,
+        refresh: bool = False,
+        *,
+        cancel: threading.Event | None = None,
     ) -> Fetched | None:
         """Take the entry's lock, or return the entry if another writer publishes it meanwhile.
 
@@ -554,6 +561,9 @@ class Cache:
                 return None
             except Timeout:
                 pass
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled while waiting for another writer"
+                raise SourceError(reason, model=model, source=source.redacted)
             hit = None if refresh else self._lookup(key, source)
             if hit is not None:
                 return hit

@@ -210,6 +210,7 @@ class ModelHandle:
         self._extra: dict[str, Any] = {}
         self._last_used = time.monotonic()
         self._idle_thread: threading.Thread | None = None
+        self._idle_unloaded = False
         self._reload: _Reload | None = None
         self._bytes_freed: int | None = None
 
@@ -265,6 +266,18 @@ class ModelHandle:
     def ready(self) -> bool:
         """``state is State.READY``."""
         return self._state is State.READY
+
+    @property
+    def available(self) -> bool:
+        """READY, or unloaded by ``idle_unload`` (the next ``get()`` loads it again).
+
+        This is what :attr:`Registry.ready` counts, so an idle-unloaded model does not take
+        the service out of its load balancer, which would keep the request that reloads it away.
+        """
+        state = self._state
+        if state is State.READY:
+            return True
+        return self._idle_unloaded and state in (State.UNLOADED, State.FETCHING, State.LOADING)
 
     # -- starting and getting -----------------------------------------------------------------
 
@@ -610,6 +623,7 @@ class ModelHandle:
                 self._notify()
             if self._state is not State.NOT_LOADED or model is not None:
                 self._state = State.UNLOADED
+            self._idle_unloaded = idle_for is not None
             self._error = None
             path, self._path = self._path, None
             before = _rss() if model is not None else None
@@ -822,6 +836,7 @@ class ModelHandle:
                 "sha256": self._loaded_sha256 or self._sha256,
                 "path": str(self._path) if self._path else None,
                 "idle_unload": self.idle_unload,
+                "idle_unloaded": self._idle_unloaded and self._state is not State.READY,
                 "idle_s": round(time.monotonic() - self._last_used, 3)
                 if self._state is State.READY
                 else None,

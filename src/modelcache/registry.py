@@ -69,8 +69,9 @@ class Registry(Mapping[str, ModelHandle]):
 
     @property
     def ready(self) -> bool:
-        """True when every required handle is READY."""
-        return all(h.ready for h in self._handles.values() if h.required)
+        """True when every required handle is READY (or unloaded by ``idle_unload``, which loads
+        again on the next ``get()``)."""
+        return all(h.available for h in self._handles.values() if h.required)
 
     def status(self) -> dict[str, Any]:
         """``{"ready": bool, "models": {name: handle.status(), ...}}``."""

@@ -187,7 +187,7 @@ def fetch_remote(
         raise ModelCacheError(
             f"cannot write the cache at {cache.path}: {error}", model=model, source=source.redacted
         ) from None
-    hit = cache._wait_for_lock(lock, key, source, model, refresh)
+    hit = cache._wait_for_lock(lock, key, source, model, refresh, cancel=cancel)
     if hit is not None:
         return hit
     try:
