@@ -226,10 +226,14 @@ def test_module_loader_adopts_the_mapped_tensors(
     assert torch.equal(net.scale, reference.scale)  # the non-persistent buffer: real values
     ranges = _mapped_ranges(Path(cache.lookup(url) or ""))
     assert all(_inside(p.data_ptr(), ranges) for p in net.parameters())  # no copy
-    # built twice (on meta, then a twin for the leftover buffer) and the twin had no weights
-    assert len(Net.built) == 2
-    assert all(p.is_meta for p in Net.built[1].parameters())
-    assert not any(b.is_meta for b in Net.built[1].buffers())
+    # Built on meta, then (for the buffer the file lacks) a twin with no weights. Once some
+    # libraries are imported (transformers), torch.linspace ignores the meta device and the
+    # buffer is real from the first build: then no twin is needed.
+    assert Net.built[0] is net
+    assert len(Net.built) in (1, 2)
+    for twin in Net.built[1:]:
+        assert all(p.is_meta for p in twin.parameters())
+        assert not any(b.is_meta for b in twin.buffers())
 
 
 def test_module_loader_picks_a_nested_state_dict(cache: Cache, tmp_path: Path) -> None:
