@@ -7,8 +7,6 @@ and real threads, event loops and processes.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -459,50 +457,63 @@ def test_status_shows_live_progress_without_credentials(
 # -- unload, idle -------------------------------------------------------------------------------
 
 
-def _rss() -> int:
+_UNLOAD_SCRIPT = """
+import ctypes, gc, json, os, sys
+from pathlib import Path
+import torch
+from modelcache import ModelHandle
+
+def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+def load(path):
+    state = torch.load(path, weights_only=True)  # no mmap: anonymous memory, the hard case
+    layers = len(state) // 2
+    width = state["layers.0.weight"].shape[0]
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict(
+            {"layers": torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))}
+        )
+    model.load_state_dict(state, assign=True)
+    return model
+
+h = ModelHandle("real", source=sys.argv[1], cache=sys.argv[2], loader=load)
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+before = rss()
+model = h.get()
+loaded = rss()
+del model
+h.unload()
+after = rss()
+status = h.status()
+again = h.get() is not None
+h.unload()
+print(json.dumps({"before": before, "loaded": loaded, "after": after, "state": status["state"],
+                  "freed": status["bytes_freed"], "again": again}))
+"""
+
 
 def test_unload_really_frees_memory(fake_weights: Callable[..., Path], cache: Cache) -> None:
-    import torch
-
+    # in a fresh process: a test process that already ran hundreds of tests has a fragmented
+    # heap, and RSS there says little about what unload() gives back
     size = 48 * MiB
     path = fake_weights("state_dict", size_bytes=size)
-
-    def load(path: Path) -> torch.nn.Module:
-        state = torch.load(path, weights_only=True)  # no mmap: anonymous memory, the hard case
-        layers = len(state) // 2
-        width = state["layers.0.weight"].shape[0]
-        with torch.device("meta"):
-            model = torch.nn.ModuleDict(
-                {
-                    "layers": torch.nn.ModuleList(
-                        torch.nn.Linear(width, width) for _ in range(layers)
-                    )
-                }
-            )
-        model.load_state_dict(state, assign=True)
-        return model
-
-    h = ModelHandle("real", source=path, cache=cache, loader=load)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _rss()
-    model = h.get()
-    loaded = _rss()
-    numbers = f"RSS before {before}, loaded {loaded}"
-    assert loaded - before > 0.8 * size, numbers
-    del model
-    h.unload()
-    after = _rss()
-    status = h.status()
-    numbers += f", after unload {after}, reported freed {status['bytes_freed']}"
-    assert status["state"] == "unloaded"
-    assert loaded - after > 0.8 * size, numbers
-    assert status["bytes_freed"] > 0.8 * size, numbers
-    assert h.get() is not None  # loads again
-    h.unload()
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNLOAD_SCRIPT, str(path), str(cache.path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    numbers = str(m)
+    assert m["loaded"] - m["before"] > 0.8 * size, numbers
+    assert m["state"] == "unloaded"
+    assert m["loaded"] - m["after"] > 0.8 * size, numbers
+    assert m["freed"] > 0.8 * size, numbers
+    assert m["again"]  # loads again
 
 
 def test_idle_unload(model_server: ModelServer, cache: Cache) -> None:
