@@ -444,26 +444,15 @@ class Cache:
         cancel: threading.Event | None,
         refresh: bool = False,
     ) -> Fetched:
-        from filelock import FileLock
-
         key = self._key(source, sha256)
-        try:
-            lock = FileLock(str(self._dir(".locks") / f"{key}.lock"))
-            tmp = self._dir(".tmp")
-        except OSError as error:
-            raise ModelCacheError(
-                f"cannot write the cache at {self.path}: {error}",
-                model=model,
-                source=source.redacted,
-            ) from None
-        hit = self._wait_for_lock(lock, key, source, model, refresh, cancel=cancel)
+        lock, hit = self._lock_entry(key, source, model, refresh, cancel)
         if hit is not None:
             return hit
         try:
             hit = None if refresh else self._lookup(key, source)
             if hit is not None:
                 return hit
-            part = self._claim_part(tmp, key)
+            part = self._claim_part(self.path / ".tmp", key)
             log.info("downloading %s into %s", source.redacted, self.path / key)
             started = time.monotonic()
             result = self._transfer(source, part, progress, model, cancel)
@@ -535,6 +524,30 @@ class Cache:
             raise
         finally:
             reader.close()
+
+    def _lock_entry(
+        self,
+        key: str,
+        source: Source,
+        model: str | None,
+        refresh: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> tuple[Any, Fetched | None]:
+        """Take the entry's write lock: ``(lock, None)``, the caller releases it; or
+        ``(lock, hit)`` when another writer published the entry meanwhile (lock not held).
+        """
+        from filelock import FileLock
+
+        try:
+            lock = FileLock(str(self._dir(".locks") / f"{key}.lock"))
+            self._dir(".tmp")
+        except OSError as error:
+            raise ModelCacheError(
+                f"cannot write the cache at {self.path}: {error}",
+                model=model,
+                source=source.redacted,
+            ) from None
+        return lock, self._wait_for_lock(lock, key, source, model, refresh, cancel=cancel)
 
     def _wait_for_lock(
         self,
@@ -694,14 +707,11 @@ class Cache:
         entry's source; its last segment names the file. ``cache_hit`` is False when
         ``produce`` ran here.
         """
-        from filelock import FileLock
-
         source = Source(label)
         hit = self._lookup(key, source)
         if hit is not None:
             return hit
-        lock = FileLock(str(self._dir(".locks") / f"{key}.lock"))
-        hit = self._wait_for_lock(lock, key, source, model)
+        lock, hit = self._lock_entry(key, source, model)
         if hit is not None:
             return hit
         try:

@@ -175,19 +175,8 @@ def fetch_remote(
     refresh: bool = False,
 ) -> Fetched:
     """Download what ``source`` names into ``cache`` as one entry (see the module doc)."""
-    from filelock import FileLock
-
-    from .errors import ModelCacheError
-
     key = cache._key(source, sha256)
-    try:
-        lock = FileLock(str(cache._dir(".locks") / f"{key}.lock"))
-        cache._dir(".tmp")
-    except OSError as error:
-        raise ModelCacheError(
-            f"cannot write the cache at {cache.path}: {error}", model=model, source=source.redacted
-        ) from None
-    hit = cache._wait_for_lock(lock, key, source, model, refresh, cancel=cancel)
+    lock, hit = cache._lock_entry(key, source, model, refresh, cancel)
     if hit is not None:
         return hit
     try:
