@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import signal
@@ -143,12 +144,59 @@ def test_tiny_files(cache: Cache, model_server: ModelServer, size: int) -> None:
 # parallel ranged downloads
 
 
+def test_fast_origin_is_read_as_one_stream(
+    modelcache_home: Path, model_server: ModelServer
+) -> None:
+    data = make_payload(12 * MiB)
+    url = model_server.add("fast.bin", data)
+    cache = Cache(modelcache_home, transfer=replace(FAST, connections=8, chunk_size=MiB))
+    got = cache.fetch_details(url, sha(data))
+    assert got.path.read_bytes() == data
+    assert model_server.count("fast.bin") == (1, len(data))
+    assert [h.get("Range") for _, h in model_server.request_headers] == [None]
+
+
+def test_slow_single_stream_is_split_into_parallel_ranges(
+    modelcache_home: Path, model_server: ModelServer
+) -> None:
+    data = make_payload(12 * MiB)
+    url = model_server.add("capped.bin", data)
+    model_server.set_rate("capped.bin", 3 * MiB)  # per connection, like a CDN
+    seen: list[int] = []
+    options = replace(FAST, connections=4, chunk_size=MiB)
+    got = Cache(modelcache_home, transfer=options).fetch_details(
+        url, sha(data), progress=lambda done, total: seen.append(done)
+    )
+    assert got.path.read_bytes() == data
+    requests, sent = model_server.count("capped.bin")
+    ranges = [h.get("Range", "") for _, h in model_server.request_headers]
+    assert ranges[0] == ""  # a single stream first (the server said it accepts ranges)
+    assert requests > 4  # then ranged chunks, several at once
+    assert any(r.endswith(f"-{len(data) - 1}") for r in ranges[1:])  # up to the last byte
+    assert sent < len(data) + 2 * MiB  # at most what the first stream had in flight, again
+    assert seen == sorted(seen)
+    assert seen[-1] == len(data)
+
+
+def test_split_below_zero_keeps_one_stream_however_slow(
+    modelcache_home: Path, model_server: ModelServer
+) -> None:
+    data = make_payload(3 * MiB)
+    url = model_server.add("one.bin", data)
+    model_server.set_rate("one.bin", 4 * MiB)
+    options = replace(FAST, connections=4, chunk_size=256 * 1024, split_below=0)
+    assert Cache(modelcache_home, transfer=options).fetch(url, sha(data)).read_bytes() == data
+    assert model_server.count("one.bin") == (1, len(data))
+
+
 def test_large_file_is_fetched_as_parallel_ranges(
     modelcache_home: Path, model_server: ModelServer
 ) -> None:
     data = make_payload(10 * MiB + 12345)
     url = model_server.add("big.bin", data)
-    options = replace(FAST, connections=4, chunk_size=MiB, piece_size=256 * 1024)
+    options = replace(
+        FAST, connections=4, chunk_size=MiB, piece_size=256 * 1024, split_below=math.inf
+    )
     cache = Cache(modelcache_home, transfer=options)
     got = cache.fetch_details(url, sha(data))
     assert got.path.read_bytes() == data
@@ -193,7 +241,7 @@ def test_threads_and_processes_on_one_cold_entry_download_it_once(
     data = make_payload(8 * MiB)
     url = model_server.add("shared.bin", data)
     model_server.set_rate("shared.bin", 4 * MiB)  # about a second with 2 connections
-    options = replace(FAST, connections=2, chunk_size=MiB)
+    options = replace(FAST, connections=2, chunk_size=MiB, split_below=math.inf)
     go = tmp_path / "go"
     workers = [
         spawn(modelcache_home, url, options, ready=str(tmp_path / f"ready{n}"), go=str(go))
@@ -368,7 +416,7 @@ def test_file_changed_during_a_parallel_download_restarts_cleanly(
             swapped.set()
             model_server.add("swap.bin", new)
 
-    options = replace(FAST, connections=2, chunk_size=MiB)
+    options = replace(FAST, connections=2, chunk_size=MiB, split_below=math.inf)
     model_server.set_rate("swap.bin", 4 * MiB)
     got = Cache(modelcache_home, transfer=options).fetch_details(url, progress=swap)
     assert swapped.is_set()

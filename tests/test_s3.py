@@ -20,6 +20,7 @@ from modelcache import Cache, IntegrityError, SourceError
 from modelcache.tree import manifest_digest
 
 pytest_plugins = ["servers.fixtures"]
+SIGNED = re.compile(r"[?&](?:X-Amz-)?Signature=([^&\s]+)")  # a query-signed URL (v2 or v4)
 
 
 def gets(key: str) -> object:
@@ -214,6 +215,32 @@ def test_object_replaced_between_attempts_is_fetched_whole_again(
     assert cache.fetch(url, storage_options=options).read_bytes() == new
 
 
+def test_objects_are_read_through_urls_that_s3fs_signs(
+    cache: Cache, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    data = make_payload(2 * MiB)
+    url = s3_bucket.put("signed.bin", data)
+    got = cache.fetch(url, sha(data), storage_options=s3_bucket.options(s3_proxy.url))
+    assert got.read_bytes() == data
+    object_gets = [path for method, path in s3_proxy.requests if gets("signed.bin")(method, path)]
+    assert object_gets
+    assert all(SIGNED.search(path) for path in object_gets)
+
+
+def test_requester_pays_goes_through_the_botocore_client(
+    cache: Cache, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    # a signed URL cannot carry the x-amz-request-payer header: botocore sends it instead
+    data = make_payload(2 * MiB + 1)
+    url = s3_bucket.put("payer.bin", data)
+    options = {**s3_bucket.options(s3_proxy.url), "requester_pays": True}
+    got = cache.fetch(url, sha(data), storage_options=options)
+    assert got.read_bytes() == data
+    object_gets = [path for method, path in s3_proxy.requests if gets("payer.bin")(method, path)]
+    assert object_gets
+    assert not any(SIGNED.search(path) for path in object_gets)
+
+
 def test_missing_s3fs_names_the_install_command(
     cache: Cache, s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +265,11 @@ def test_credentials_never_reach_metadata_or_errors(
     assert caught.value.status == 403
     assert S3_SECRET not in str(caught.value)
     assert S3_SECRET not in repr(caught.value.__dict__)
+    signatures = SIGNED.findall(" ".join(path for _, path in s3_proxy.requests))
+    assert signatures  # the object was asked for with a signed URL...
+    for signature in signatures:  # ...whose signature shows nowhere
+        assert signature not in str(caught.value)
+        assert signature not in repr(caught.value.__dict__)
 
 
 def test_interrupted_prefix_resumes_file_by_file(

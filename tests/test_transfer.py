@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -69,17 +70,70 @@ class MemoryReader(Reader):
 @pytest.mark.parametrize("connections", [1, 4])
 @pytest.mark.parametrize("tell_size", [True, False])
 @pytest.mark.parametrize("ranged", [True, False])
+@pytest.mark.parametrize("split_below", [0.0, math.inf])
 def test_every_shape_of_origin_gives_the_same_bytes(
-    tmp_path: Path, connections: int, tell_size: bool, ranged: bool
+    tmp_path: Path, connections: int, tell_size: bool, ranged: bool, split_below: float
 ) -> None:
     data = make_payload(3 * MiB + 777)
     reader = MemoryReader(data, ranged=ranged, tell_size=tell_size, fail_at=MiB + 5)
-    options = replace(FAST, connections=connections, chunk_size=512 * 1024)
+    options = replace(FAST, connections=connections, chunk_size=512 * 1024, split_below=split_below)
     part = tmp_path / "x.part"
     result = download(reader, part, options=options)
     assert part.read_bytes() == data
     assert result.sha256 == sha(data)
     assert result.size == len(data)
+
+
+class SlowReader(MemoryReader):
+    """A memory reader at about ``rate`` bytes/s per stream; ranges refused after ``honest``."""
+
+    def __init__(self, data: bytes, rate: float, honest: int | None = None) -> None:
+        super().__init__(data, piece=64 * 1024)
+        self.rate = rate
+        self.honest = honest
+
+    def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+        if self.honest is not None and len(self.opened) >= self.honest:
+            self.opened.append((start, end))
+            return RangeStream(self._slow(0, len(self.data)), 0, len(self.data), '"v1"', False)
+        stream = super().open(start, end, etag)
+        stream.pieces = self._slow(start, len(self.data) if end is None else end)
+        return stream
+
+    def _slow(self, start: int, stop: int) -> Iterator[bytes]:
+        for piece in self._pieces(start, stop):
+            time.sleep(len(piece) / self.rate)
+            yield piece
+
+
+def test_a_slow_single_stream_is_split_into_parallel_ranges(tmp_path: Path) -> None:
+    data = make_payload(4 * MiB)
+    reader = SlowReader(data, rate=2 * MiB)
+    options = replace(FAST, connections=4, chunk_size=256 * 1024)
+    result = download(reader, tmp_path / "x.part", options=options)
+    assert result.sha256 == sha(data)
+    assert reader.opened[0] == (0, None)
+    assert len(reader.opened) > 4
+    assert all(end is not None for _, end in reader.opened[1:])
+
+
+def test_ranges_refused_after_a_split_fall_back_to_one_stream(tmp_path: Path) -> None:
+    data = make_payload(3 * MiB)
+    reader = SlowReader(data, rate=4 * MiB, honest=1)  # only the first answer is ranged
+    options = replace(FAST, connections=4, chunk_size=256 * 1024)
+    result = download(reader, tmp_path / "x.part", options=options)
+    assert result.sha256 == sha(data)
+    assert (tmp_path / "x.part").read_bytes() == data
+    assert len(reader.opened) > 2  # it did split...
+    assert reader.opened[-1][1] is None  # ...and ended as one stream
+
+
+def test_a_longer_stale_part_file_is_cut_to_the_new_size(tmp_path: Path) -> None:
+    data = make_payload(MiB)
+    part = tmp_path / "x.part"
+    part.write_bytes(make_payload(3 * MiB, seed=9))  # an older, longer file, no resume state
+    assert download(MemoryReader(data), part, options=FAST).sha256 == sha(data)
+    assert part.read_bytes() == data
 
 
 def test_resume_state_is_kept_beside_the_part_file(tmp_path: Path) -> None:

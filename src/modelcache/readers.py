@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import logging
 import re
 import threading
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -145,6 +146,8 @@ class HTTPReader(Reader):
         self._url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
         self._pool = _pool(_proxy_for(self._url), options)
         self._piece = options.piece_size
+        #: the headers of the last response (stores read their metadata from them)
+        self.last_headers: Mapping[str, str] = {}
 
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
         import urllib3
@@ -169,13 +172,14 @@ class HTTPReader(Reader):
             raise TransientError(self._describe(reason)) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise TransientError(self._describe(error)) from None
-        return self._stream(response, start)
+        return self._stream(response, start, "Range" in headers)
 
     def _describe(self, error: BaseException) -> str:
         return self._source.scrub(f"{type(error).__name__}: {error}")
 
-    def _stream(self, response: Any, start: int) -> RangeStream:
+    def _stream(self, response: Any, start: int, asked_range: bool) -> RangeStream:
         status = response.status
+        self.last_headers = response.headers
         # the version's validator: the ETag, else Last-Modified (If-Range accepts both)
         etag = response.headers.get("ETag") or response.headers.get("Last-Modified")
         if status == 206:
@@ -191,12 +195,21 @@ class HTTPReader(Reader):
                 etag,
                 True,
                 close=lambda: _discard(response),
+                readinto=self._readinto(response),
             )
         if status == 200:
             length = response.headers.get("Content-Length")
             size = int(length) if length and length.isdigit() else None
+            # asked for the whole file: Accept-Ranges says whether later ranges would work
+            accepts = "bytes" in response.headers.get("Accept-Ranges", "").lower()
             return RangeStream(
-                self._pieces(response), 0, size, etag, False, close=lambda: _discard(response)
+                self._pieces(response),
+                0,
+                size,
+                etag,
+                accepts and start == 0 and not asked_range,
+                close=lambda: _discard(response),
+                readinto=self._readinto(response),
             )
         if status == 416:
             match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
@@ -226,6 +239,31 @@ class HTTPReader(Reader):
                 yield data
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise TransientError(self._describe(error)) from None
+
+    def _readinto(self, response: Any) -> Callable[[memoryview], int] | None:
+        """Read the body straight into the engine's buffers, skipping urllib3's copies.
+
+        urllib3's ``read`` allocates and copies every piece; the ``http.client`` response it
+        wraps reads into a caller's buffer with one ``recv_into``. That response is urllib3's
+        (private) ``_fp``: used only when it is a plain ``http.client`` response and urllib3
+        has nothing to decode, else the engine falls back to ``pieces``.
+        """
+        import urllib3
+
+        raw = getattr(response, "_fp", None)
+        if not isinstance(raw, http.client.HTTPResponse) or response.headers.get(
+            "Content-Encoding", "identity"
+        ) not in ("identity", ""):
+            return None
+        describe = self._describe
+
+        def readinto(buffer: memoryview) -> int:
+            try:
+                return raw.readinto(buffer)
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as error:
+                raise TransientError(describe(error)) from None
+
+        return readinto
 
 
 def _discard(response: Any) -> None:

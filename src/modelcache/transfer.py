@@ -1,10 +1,13 @@
 """Resumable, verified, retrying copy of one remote file into a local ``.part`` file.
 
-The engine streams a file as consecutive chunks fetched by several workers at once (ranged
-requests, for origins that cap each connection), writes each piece where it belongs with
-``os.pwrite`` and hashes the pieces *in order* as they arrive, so the file is never read twice.
-Chunks ahead of the hashing frontier wait in memory, and workers may run at most ``connections``
-chunks ahead, which bounds memory to about ``connections * chunk_size``.
+A download starts as one stream over the rest of the file: a thread reads it into a few
+reusable buffers and writes each where it belongs (``os.pwrite``) while the calling thread
+hashes the buffers in order, so the file is never read twice and reading and hashing overlap.
+When that stream runs slower than ``TransferOptions.split_below`` (origins and CDNs that cap
+each connection), the rest is fetched as consecutive chunks by several workers at once (ranged
+requests), still hashed in order as they arrive: chunks ahead of the hashing frontier wait in
+memory, and workers may run at most ``connections`` chunks ahead, which bounds memory to about
+``connections * chunk_size``.
 
 The frontier (bytes written and hashed without a gap) is recorded beside the part file, so a
 download killed at any point resumes from there: the kept prefix is re-hashed from disk, not
@@ -20,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import queue
 import random
@@ -44,6 +48,9 @@ __all__ = [
 
 MiB = 1 << 20
 _SAVE_EVERY = 0.5  # seconds between two records of the resume frontier
+_PROBE = 0.3  # seconds a first stream runs before its rate decides whether to split
+_HAND_OVER = 0.25  # seconds a partly filled buffer waits before it is hashed anyway
+_BUFFERED = 4 * MiB  # bytes of reusable buffers between a single stream and its hasher
 Progress = Callable[[int, "int | None"], None]
 """A progress callback: ``(bytes_done, bytes_total_or_None)``."""
 
@@ -53,9 +60,12 @@ class TransferOptions:
     """How downloads behave; every field has a default that suits a web service.
 
     Attributes:
-        connections: concurrent ranged requests per file (1 = a single stream).
+        connections: concurrent ranged requests per file at most (1 = a single stream).
         chunk_size: bytes asked for by each ranged request.
         piece_size: bytes read from the network at a time.
+        split_below: bytes per second; a download starts as one stream, and when that stream
+            runs slower than this, the rest is fetched as ``connections`` parallel ranged
+            requests. ``math.inf``: parallel from the first byte; ``0``: never.
         retries: attempts after a transient failure, counted since the last byte of progress.
         backoff: first retry delay in seconds, doubled each attempt, with jitter.
         max_backoff: cap on one delay (a longer ``Retry-After`` is honoured up to ``deadline``).
@@ -66,7 +76,8 @@ class TransferOptions:
 
     connections: int = 8
     chunk_size: int = 2 * MiB
-    piece_size: int = 1 * MiB
+    piece_size: int = 256 * 1024
+    split_below: float = 256 * MiB
     retries: int = 5
     backoff: float = 0.5
     max_backoff: float = 8.0
@@ -79,6 +90,8 @@ class TransferOptions:
             raise ValueError("connections, chunk_size and piece_size must be >= 1")
         if self.retries < 0:
             raise ValueError("retries must be >= 0")
+        if not self.split_below >= 0:
+            raise ValueError("split_below must be >= 0 (math.inf: always parallel)")
 
 
 class TransientError(Exception):
@@ -107,6 +120,9 @@ class RangeStream:
         size: the whole file's size, when the origin said.
         etag: the origin's validator for this version of the file, if any.
         ranged: whether the origin honoured the range (so later chunks may be ranged too).
+        close: release the response (whether or not the body was read).
+        readinto: reads the next bytes of the body into a buffer and returns how many (0 at
+            the end), for readers that can skip a copy; the engine then uses it, not ``pieces``.
     """
 
     pieces: Iterator[bytes]
@@ -115,6 +131,7 @@ class RangeStream:
     etag: str | None
     ranged: bool
     close: Callable[[], None] = field(default=lambda: None)
+    readinto: Callable[[memoryview], int] | None = None
 
 
 class Reader(ABC):
@@ -223,6 +240,10 @@ class _OriginChanged(TransientError):
     """The origin now serves another version of the file: start again from byte 0."""
 
 
+class _RangesRefused(TransientError):
+    """A ranged request got the whole file: read the rest as one stream."""
+
+
 class _Stop:
     """End-of-chunk marker in a chunk's queue."""
 
@@ -290,8 +311,9 @@ def download(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if frontier:
             _hash_prefix(fd, frontier, hasher)
-        else:
-            os.ftruncate(fd, 0)
+        # Never truncated to zero here: ext4 (auto_da_alloc) then starts writing the file back
+        # as it is written, which halved throughput. A stale tail past the frontier is simply
+        # overwritten, and cut off once the download is complete.
         job = _Job(reader, part, fd, hasher, frontier, etag, size, options, progress, cancel)
         job.on_size = on_size
         return job.run()
@@ -337,6 +359,7 @@ class _Job:
         self.fetched = 0
         self._fetched_lock = threading.Lock()
         self.on_size: Callable[[int, int], None] | None = None
+        self.one_stream = options.connections == 1  # no parallel ranges (refused, or asked)
         self._saved_at = time.monotonic()
         self._size_checked = False
 
@@ -348,6 +371,8 @@ class _Job:
                 raise FatalError("cancelled")
             try:
                 self._attempt()
+                if os.fstat(self.fd).st_size > self.frontier:
+                    os.ftruncate(self.fd, self.frontier)  # the tail of an older version
                 return TransferResult(
                     self.frontier, self.hasher.hexdigest(), self.etag, self.fetched
                 )
@@ -355,6 +380,8 @@ class _Job:
                 if isinstance(error, _OriginChanged):
                     self._restart_from_zero()
                     self.etag = self.size = None
+                if isinstance(error, _RangesRefused):
+                    self.one_stream = True
                 try:
                     self.budget.wait(error)
                 except _Cancelled:
@@ -363,7 +390,6 @@ class _Job:
     def _restart_from_zero(self) -> None:
         self.hasher = hashlib.sha256()
         self.frontier = 0
-        os.ftruncate(self.fd, 0)
 
     def _attempt(self) -> None:
         while self._attempt_once():
@@ -375,7 +401,8 @@ class _Job:
         chunk = self.reader.chunk_size or self.options.chunk_size
         if self.size is not None and self.frontier == self.size:
             return False
-        first_end = self.frontier + chunk if self.options.connections > 1 else None
+        parallel = not self.one_stream and math.isinf(self.options.split_below)
+        first_end = self.frontier + chunk if parallel else None
         stream = self.reader.open(self.frontier, first_end, self.etag)
         if stream.start != self.frontier:
             # the origin ignored the range or the file changed: start again from byte 0
@@ -390,18 +417,25 @@ class _Job:
         self.size = stream.size
         if self.size is not None:
             self._check_size(self.size)
-        plan: list[tuple[int, int | None]] = []
-        first_stop = first_end if stream.ranged else None
-        if stream.ranged and self.size is not None and first_end is not None:
+        splittable = stream.ranged and self.size is not None and not self.one_stream
+        if parallel and splittable and first_end is not None and self.size is not None:
             first_stop = min(first_end, self.size)
-            plan = [(s, min(s + chunk, self.size)) for s in range(first_stop, self.size, chunk)]
-        elif not stream.ranged:
-            first_stop = None
-        self._run_plan(stream, first_stop, plan)
+            self._run_plan(stream, [(self.frontier, first_stop), *self._chunks(first_stop, chunk)])
+        elif parallel and stream.ranged and first_end is not None:
+            # an origin that honours ranges but does not tell the size: one chunk at a time
+            self._run_plan(stream, [(self.frontier, first_end)])
+            if self.size is None and self.frontier == first_end:
+                return True
+        elif self._stream_through(stream, split=splittable and self.size is not None):
+            # the single stream was slow (a per-connection cap): the rest in parallel
+            self._run_plan(None, self._chunks(self.frontier, chunk))
         if self.size is not None and self.frontier != self.size:
             raise TransientError(f"got {self.frontier} of {self.size} bytes")
-        # an origin that honours ranges but does not tell the size: ask for the next chunk
-        return self.size is None and first_stop is not None and self.frontier == first_stop
+        return False
+
+    def _chunks(self, start: int, chunk: int) -> list[tuple[int, int | None]]:
+        assert self.size is not None
+        return [(s, min(s + chunk, self.size)) for s in range(start, self.size, chunk)]
 
     def _check_size(self, total: int) -> None:
         if self.on_size is not None and not self._size_checked:
@@ -421,12 +455,111 @@ class _Job:
         if self.progress is not None:
             self.progress(self.frontier, self.size)
 
+    # -- one stream: a reading thread, hashed here ---------------------------------------------
+
+    def _stream_through(self, stream: RangeStream, *, split: bool) -> bool:
+        """Read ``stream`` to its end, hashing here while another thread reads and writes.
+
+        With ``split``, a stream slower than ``split_below`` is stopped once it has run for a
+        moment: True then means the rest of the file still has to be fetched.
+        """
+        options = self.options
+        free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(max(2, _BUFFERED // options.piece_size)):
+            free.put(bytearray(options.piece_size))
+        filled: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=self._read_stream,
+            args=(stream, free, filled, stop),
+            daemon=True,
+            name="modelcache-stream",
+        )
+        reader.start()
+        chunk = self.reader.chunk_size or options.chunk_size
+        began: tuple[float, int] | None = None  # when the first bytes were hashed, and where
+        try:
+            while True:
+                item = self._next(lambda timeout: filled.get(timeout=timeout))
+                if item is _STOP:
+                    if self.cancel.is_set():
+                        raise FatalError("cancelled")
+                    return stop.is_set()
+                data, buffer = item
+                self.hasher.update(data)
+                self.frontier += len(data)
+                free.put(buffer)
+                self._maybe_save_state()
+                self._report()
+                if not split or stop.is_set():
+                    continue
+                now = time.monotonic()
+                if began is None:
+                    began = (now, self.frontier)
+                elif now - began[0] >= _PROBE:
+                    split = False  # decided once
+                    rate = (self.frontier - began[1]) / (now - began[0])
+                    left = (self.size or 0) - self.frontier
+                    if rate < options.split_below and left > 2 * chunk:
+                        stop.set()  # the reader stops after its current buffer
+        finally:
+            stop.set()
+            _close(stream)
+            reader.join()
+            with contextlib.suppress(OSError):
+                self._save_state()
+
+    def _read_stream(
+        self,
+        stream: RangeStream,
+        free: queue.SimpleQueue[bytearray],
+        filled: queue.SimpleQueue[Any],
+        stop: threading.Event,
+    ) -> None:
+        """The reading thread: fill free buffers, write them in place, queue them in order."""
+        position = self.frontier
+        pieces = None if stream.readinto is not None else iter(stream.pieces)
+        try:
+            while not stop.is_set() and not self.cancel.is_set():
+                try:
+                    buffer = free.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if pieces is None:
+                    data: bytes | memoryview = self._fill(stream, buffer)
+                else:
+                    data = next(pieces, b"")
+                if not data:
+                    break
+                _pwrite_all(self.fd, data, position)
+                position += len(data)
+                with self._fetched_lock:
+                    self.fetched += len(data)
+                filled.put((data, buffer))
+                self.budget.progressed()
+            filled.put(_STOP)
+        except BaseException as error:  # handed to the hashing thread, which raises it
+            filled.put(error)
+
+    def _fill(self, stream: RangeStream, buffer: bytearray) -> memoryview:
+        """Read into ``buffer`` until it is full, the body ends, or a moment passed."""
+        assert stream.readinto is not None
+        view = memoryview(buffer)
+        got = 0
+        began = time.monotonic()
+        while got < len(view):
+            n = stream.readinto(view[got:])
+            if not n:
+                break
+            got += n
+            if time.monotonic() - began >= _HAND_OVER:
+                break
+        return view[:got]
+
     # -- workers and the in-order hasher ------------------------------------------------------
 
-    def _run_plan(
-        self, stream: RangeStream, first_stop: int | None, plan: list[tuple[int, int | None]]
-    ) -> None:
-        chunks: list[tuple[int, int | None]] = [(self.frontier, first_stop), *plan]
+    def _run_plan(self, stream: RangeStream | None, chunks: list[tuple[int, int | None]]) -> None:
+        """Fetch ``chunks`` with parallel workers, hashed in order; ``stream``: the first's."""
         limit = -(-self.options.chunk_size // self.options.piece_size) + 1
         queues = [_Pieces(limit) for _ in chunks]
         window = max(1, self.options.connections)
@@ -446,18 +579,20 @@ class _Job:
                     cond.wait(0.5)
                 return None
 
-        def work(first: RangeStream | None) -> None:
-            index: int | None = 0 if first is not None else take()
+        def work(first: RangeStream | None, index: int | None) -> None:
             while index is not None and not abort.is_set():
                 self._fetch_chunk(index, chunks[index], first, queues[index], abort)
                 first = None
                 index = take()
 
-        workers = [threading.Thread(target=work, args=(stream,), daemon=True, name="modelcache-0")]
-        extra = min(window, len(chunks)) - 1
+        workers = [
+            threading.Thread(target=work, args=(stream, 0), daemon=True, name="modelcache-0")
+        ]
         workers += [
-            threading.Thread(target=work, args=(None,), daemon=True, name=f"modelcache-{n + 1}")
-            for n in range(extra)
+            threading.Thread(
+                target=work, args=(None, take()), daemon=True, name=f"modelcache-{n + 1}"
+            )
+            for n in range(min(window, len(chunks)) - 1)
         ]
         for worker in workers:
             worker.start()
@@ -472,24 +607,30 @@ class _Job:
             abort.set()
             with cond:
                 cond.notify_all()
-            stream.close()
+            _close(stream)
             for worker in workers:
                 worker.join()
             with contextlib.suppress(OSError):
                 self._save_state()  # whatever ends this pass, the next one resumes from here
 
-    def _consume(self, pieces: _Pieces) -> None:
+    def _next(self, get: Callable[[float], Any]) -> Any:
+        """The next item handed over by a reading thread; raises the errors it hands over."""
         while True:
             try:
-                item = pieces.get(timeout=0.25)
+                item = get(0.25)
             except queue.Empty:
                 if self.cancel.is_set():
                     raise FatalError("cancelled") from None
                 continue
-            if item is _STOP:
-                return
             if isinstance(item, BaseException):
                 raise item
+            return item
+
+    def _consume(self, pieces: _Pieces) -> None:
+        while True:
+            item = self._next(pieces.get)
+            if item is _STOP:
+                return
             self.hasher.update(item)
             self.frontier += len(item)
             self._maybe_save_state()  # also within a long single stream
@@ -510,9 +651,11 @@ class _Job:
                 try:
                     if stream is None:
                         stream = self.reader.open(position, end, self.etag)
-                        if stream.start != position or (
-                            self.etag is not None and stream.etag not in (None, self.etag)
-                        ):
+                        changed = self.etag is not None and stream.etag not in (None, self.etag)
+                        if not stream.ranged and not changed:
+                            stream.close()
+                            raise _RangesRefused("the origin ignored a range; one stream now")
+                        if stream.start != position or changed:
                             stream.close()
                             raise _OriginChanged("the file changed at the origin; starting again")
                     for piece in stream.pieces:
@@ -535,7 +678,7 @@ class _Job:
                     out.signal(_STOP)
                     return
                 except TransientError as error:
-                    if end is None or isinstance(error, _OriginChanged):
+                    if end is None or isinstance(error, (_OriginChanged, _RangesRefused)):
                         raise  # a single stream (or a new version) is retried by the outer loop
                     stream = _close(stream)
                     self.budget.wait(error)
@@ -554,7 +697,7 @@ def _close(stream: RangeStream | None) -> RangeStream | None:
     return None
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

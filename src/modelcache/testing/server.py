@@ -230,7 +230,8 @@ def _make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
                     status = 206
             self.send_response(status)
             self.send_header("Content-Length", str(end - start))
-            self.send_header("Accept-Ranges", "bytes")
+            if not faults.ignore_range:
+                self.send_header("Accept-Ranges", "bytes")
             self.send_header("ETag", etag)
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
