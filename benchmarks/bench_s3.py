@@ -5,7 +5,8 @@ of its own, rounds alternating; each child reports the seconds its fetch took (i
 set-up excluded) and its peak resident memory above its baseline after set-up:
 
 - modelcache ``Cache.fetch`` with the sha256, as configured by default (one streaming GET per
-  object, see ``modelcache.stores``), and with parallel ranged GETs (4 connections x 16 MiB);
+  object, of a URL s3fs signs, see ``modelcache.stores``), and with parallel ranged GETs
+  (4 connections x 16 MiB);
 - ``s3fs.S3FileSystem.get`` (s3fs's own defaults);
 - ``boto3`` ``download_file`` (its ``TransferConfig`` defaults: 8 MiB parts, 10 threads);
 - ``boto3`` ``get_object`` once, the body streamed to a file in 1 MiB reads; and the same
@@ -62,11 +63,13 @@ def status(name):
     raise LookupError(name)
 
 if how.startswith("modelcache"):
-    from modelcache import Cache
+    from modelcache import Cache, TransferOptions
     options = {"endpoint_url": endpoint, **creds}
-    if how == "modelcache-ranges":
+    transfer = TransferOptions()
+    if how == "modelcache-ranges":  # ranged GETs from the first byte, not only when slow
         options.update(connections=4, chunk_size=16 << 20)
-    cache = Cache(target, read_only_paths=[], offline=False)
+        transfer = TransferOptions(split_below=float("inf"))
+    cache = Cache(target, read_only_paths=[], offline=False, transfer=transfer)
     from modelcache.filesystems import open_filesystem
     from modelcache.sources import Source
     fs, _ = open_filesystem(Source.parse(f"s3://{bucket}/{key}", options))  # client set up

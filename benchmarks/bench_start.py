@@ -348,7 +348,8 @@ def first_start(
         results,
         hub,
         None,
-        "modelcache verifies the sha256 while downloading (several ranged connections); "
+        "modelcache verifies the sha256 while downloading (one stream, split into parallel "
+        "ranges only when it runs slow); "
         "torch.hub downloads in one stream and checks no hash (check_hash=False, the default).",
     )
 
