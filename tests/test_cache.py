@@ -874,6 +874,22 @@ def test_prune_evicts_least_recently_used_but_never_an_entry_in_use(
     assert cache.entries() == []
 
 
+def test_a_sha256_given_later_reuses_the_entry_fetched_without_one(
+    cache: Cache, model_server: ModelServer
+) -> None:
+    data = make_payload(3000)
+    url = model_server.add("later.bin", data)
+    first = cache.fetch_details(url)
+    again = cache.fetch_details(url, sha(data))
+    assert again.cache_hit
+    assert again.path == first.path
+    assert model_server.count("later.bin")[0] == 1
+    assert len(cache.entries()) == 1
+    with pytest.raises(IntegrityError):  # another digest is no hit: fetched and checked
+        cache.fetch(url, sha(b"something else"))
+    assert model_server.count("later.bin")[0] == 2
+
+
 def test_prune_keeps_entries_this_process_uses(cache: Cache, model_server: ModelServer) -> None:
     data = make_payload(1000)
     cache.fetch(model_server.add("mine.bin", data), sha(data))
@@ -938,6 +954,22 @@ def test_progress_bar_can_be_forced_on(
     cache.fetch(url, progress=lambda done, total: seen.append(done))
     assert seen[-1] == len(data)  # the callback still runs beside the bar
     assert "bar.bin" in capsys.readouterr().err
+
+
+def test_progress_bar_can_be_switched_per_call(
+    cache: Cache,
+    model_server: ModelServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    quiet = model_server.add("quiet.bin", make_payload(MiB, 1))
+    loud = model_server.add("loud.bin", make_payload(MiB, 2))
+    monkeypatch.setenv("MODELCACHE_PROGRESS", "1")
+    cache.fetch(quiet, progress_bar=False)
+    assert "quiet.bin" not in capsys.readouterr().err
+    monkeypatch.setenv("MODELCACHE_PROGRESS", "0")
+    cache.fetch(loud, progress_bar=True)
+    assert "loud.bin" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

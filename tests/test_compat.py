@@ -148,6 +148,20 @@ def test_same_result_as_torch_hub(
     assert same_tensors(ours, theirs)
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_draws_no_bar(
+    sharp_url: tuple[str, Path],
+    modelcache_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    progress: bool,
+) -> None:
+    url, _ = sharp_url
+    monkeypatch.setenv("MODELCACHE_PROGRESS", "1")  # bars forced on, as on a terminal
+    load_state_dict_from_url(url, progress=progress)
+    assert ("sharp_2572gikvuh.pt" in capsys.readouterr().err) is progress
+
+
 def test_warm_start_needs_no_network(
     sharp_url: tuple[str, Path], model_server: ModelServer, modelcache_home: Path
 ) -> None:

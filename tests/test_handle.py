@@ -397,6 +397,18 @@ def test_fetch_downloads_without_loading(model_server: ModelServer, cache: Cache
     assert h.status()["cache_hit"] is True
 
 
+def test_status_names_the_mirror_that_served(model_server: ModelServer, cache: Cache) -> None:
+    dead = model_server.url + "/gone.bin"  # 404: the next mirror is tried
+    good = model_server.add("m.bin", b"weights")
+    h = handle("m", [dead, good], cache)
+    assert h.status()["served_from"] is None
+    assert h.get()["data"] == b"weights"
+    assert h.status()["source"] == dead
+    assert h.status()["served_from"] == good
+    h.unload()
+    assert h.status()["served_from"] is None
+
+
 # -- status ------------------------------------------------------------------------------------
 
 
@@ -528,6 +540,19 @@ def test_idle_unload(model_server: ModelServer, cache: Cache) -> None:
     assert h.get()["call"] == 2
     assert loader.calls == 2
     h.close()
+
+
+def test_prune_keeps_an_entry_while_any_handle_serves_it(
+    model_server: ModelServer, cache: Cache
+) -> None:
+    url = model_server.add("shared.bin", make_payload(4096))
+    first, second = handle("first", url, cache), handle("second", url, cache)
+    first.get()
+    second.get()
+    first.unload()
+    assert cache.prune(0) == []  # the second handle still serves the file
+    second.unload()
+    assert len(cache.prune(0)) == 1
 
 
 def test_unload_during_fetch_abandons_the_attempt(model_server: ModelServer, cache: Cache) -> None:

@@ -209,14 +209,23 @@ class Cache:
         progress: Progress | None = None,
         model: str | None = None,
         cancel: threading.Event | None = None,
+        progress_bar: bool | None = None,
     ) -> Path:
         """Make sure the source's file(s) are in the cache; return the local ``Path``.
 
         A list of sources is a chain of mirrors tried in order. Local paths are used in place.
-        No network request is made when a verified entry exists.
+        No network request is made when a verified entry exists. ``progress(done, total)`` is
+        called as bytes arrive; ``progress_bar`` draws a tqdm bar on stderr (``None``:
+        ``$MODELCACHE_PROGRESS`` decides, else only on a terminal).
         """
         return self.fetch_details(
-            source, sha256, storage_options, progress=progress, model=model, cancel=cancel
+            source,
+            sha256,
+            storage_options,
+            progress=progress,
+            model=model,
+            cancel=cancel,
+            progress_bar=progress_bar,
         ).path
 
     def fetch_details(
@@ -229,6 +238,7 @@ class Cache:
         model: str | None = None,
         cancel: threading.Event | None = None,
         refresh: bool = False,
+        progress_bar: bool | None = None,
     ) -> Fetched:
         """Like :meth:`fetch`, also telling whether it was a cache hit.
 
@@ -240,7 +250,7 @@ class Cache:
         refresh = refresh and digest is None
         for src in sources:
             if not src.is_local and not refresh:
-                hit = self._lookup(self._key(src, digest), src)
+                hit = self._find(src, digest)
                 if hit is not None:
                     return hit
         attempts: list[tuple[str, str]] = []
@@ -253,7 +263,7 @@ class Cache:
                     raise NotCachedError(
                         "not in the cache and offline mode is on", model=model, source=src.redacted
                     )
-                with self._progress_bar(src, progress) as report:
+                with self._progress_bar(src, progress, progress_bar) as report:
                     if tree.handles(src):  # object stores, the Hub, remote directories
                         return tree.fetch_remote(self, src, digest, report, model, cancel, refresh)
                     return self._download(src, digest, report, model, cancel, refresh)
@@ -289,7 +299,7 @@ class Cache:
                 if src.local_path.exists():
                     return src.local_path
                 continue
-            hit = self._lookup(self._key(src, digest), src)
+            hit = self._find(src, digest)
             if hit is not None:
                 return hit.path
         return None
@@ -302,6 +312,19 @@ class Cache:
 
     def _layers(self) -> list[tuple[Path, bool]]:
         return [(p, True) for p in self.read_only_paths] + [(self.path, False)]
+
+    def _find(self, source: Source, digest: str | None) -> Fetched | None:
+        """A verified entry for ``source``: by its sha256, else an entry of the same source
+        fetched earlier without one whose bytes have that sha256 (no second copy)."""
+        hit = self._lookup(self._key(source, digest), source)
+        if hit is not None or digest is None:
+            return hit
+        for root, _ in self._layers():
+            meta = _read_meta(root / source.key)
+            if meta is not None and meta.get("sha256") == digest:
+                hit = self._lookup(source.key, source)
+                return hit if hit is not None and hit.sha256 == digest else None
+        return None
 
     def _lookup(self, key: str, source: Source) -> Fetched | None:
         for root, read_only in self._layers():
@@ -407,8 +430,12 @@ class Cache:
     # -- downloads ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _progress_bar(self, source: Source, progress: Progress | None) -> Iterator[Progress]:
-        if not config.progress_enabled(sys.stderr.isatty()):
+    def _progress_bar(
+        self, source: Source, progress: Progress | None, enabled: bool | None
+    ) -> Iterator[Progress]:
+        if enabled is None:
+            enabled = config.progress_enabled(sys.stderr.isatty())
+        if not enabled:
             yield progress or (lambda done, total: None)
             return
         from tqdm.auto import tqdm

@@ -57,8 +57,8 @@ def load_state_dict_from_url(
             A file torch.hub saved there (or in torch.hub's checkpoints directory when
             ``model_dir`` is not given) is used in place.
         map_location: as for ``torch.load``.
-        progress: modelcache shows a progress bar on a terminal; ``$MODELCACHE_PROGRESS``
-            decides (accepted for compatibility).
+        progress: ``False`` never draws a progress bar; ``True`` draws one as modelcache
+            does (on a terminal, or as ``$MODELCACHE_PROGRESS`` says).
         check_hash: the file name must carry the sha256's first hex digits,
             ``name-<digits>.ext``; a file that does not match raises
             :class:`~modelcache.IntegrityError` and is removed from the cache.
@@ -76,7 +76,7 @@ def load_state_dict_from_url(
     if existing is not None:
         log.info("using %s downloaded earlier by torch.hub", existing)
         sources.insert(0, str(existing))
-    fetched = cache.fetch_details(sources, model=name)
+    fetched = cache.fetch_details(sources, model=name, progress_bar=None if progress else False)
     if check_hash:
         match = HASH_REGEX.search(name)
         if match is not None:

@@ -77,6 +77,35 @@ class Strategy(str, enum.Enum):
 _QUANTIZE_METHODS = ("int8",)
 
 
+class _Holds:
+    """How many handles of this process serve each cached file.
+
+    The cache's lease on an entry is per process: the last handle to let go of a file gives the
+    lease back, so unloading one of two handles on the same entry never lets prune evict it.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, path: Path) -> None:
+        with self._lock:
+            self._counts[path] = self._counts.get(path, 0) + 1
+
+    def drop(self, path: Path) -> bool:
+        """Let go of ``path``; True when no handle of this process serves it any more."""
+        with self._lock:
+            left = self._counts.get(path, 0) - 1
+            if left > 0:
+                self._counts[path] = left
+                return False
+            self._counts.pop(path, None)
+            return True
+
+
+_HOLDS = _Holds()
+
+
 def _parse_quantize(value: str | None, origin: str) -> str | None:
     if value is None or str(value).strip().lower() == "none":
         return None
@@ -206,6 +235,7 @@ class ModelHandle:
         self._cache_hit: bool | None = None
         self._path: Path | None = None
         self._loaded_sha256: str | None = None
+        self._served_from: str | None = None  # the mirror the loaded version came from
         self._timings = _empty_timings()
         self._extra: dict[str, Any] = {}
         self._last_used = time.monotonic()
@@ -466,7 +496,8 @@ class ModelHandle:
                 self._bytes_total = fetched.size
                 self._bytes_done = fetched.size or 0
                 self._timings.update(timings)
-            model = self._load(fetched, timings, sources[0])
+            serving = next((s for s in sources if s.redacted == fetched.source), sources[0])
+            model = self._load(fetched, timings, serving)
         except Exception as failure:
             error = self._as_error(failure, sources[0])
         except BaseException as failure:  # SystemExit or the like in this thread: still end
@@ -495,7 +526,9 @@ class ModelHandle:
             if error is None and fetched is not None:
                 self._model = model
                 self._path = fetched.path
+                _HOLDS.hold(fetched.path)
                 self._loaded_sha256 = fetched.sha256
+                self._served_from = fetched.source
                 self._state = State.READY
                 self._last_used = time.monotonic()
                 log.info("model %s ready (%s)", self.name, _describe(self._timings))
@@ -638,9 +671,9 @@ class ModelHandle:
         return True
 
     def _release(self, path: Path) -> None:
-        """Let the cache evict the entry at ``path`` again (this handle no longer maps it)."""
+        """Let the cache evict the entry at ``path`` again, unless another handle serves it."""
         cache = self.cache
-        if path.parent.parent == cache.path:
+        if _HOLDS.drop(path) and path.parent.parent == cache.path:
             cache.release(path.parent.name)
 
     def _start_idle_watch(self) -> None:
@@ -735,7 +768,8 @@ class ModelHandle:
                 job.bytes_total = fetched.size
                 job.bytes_done = fetched.size or 0
                 job.timings.update(timings)
-            model = self._load(fetched, timings, job.sources[0])
+            serving = next((s for s in job.sources if s.redacted == fetched.source), job.sources[0])
+            model = self._load(fetched, timings, serving)
         except Exception as failure:
             error = self._as_error(failure, job.sources[0])
             with self._cond:
@@ -757,8 +791,11 @@ class ModelHandle:
                 return  # superseded, unloaded or closed meanwhile: drop the new model
             old, self._model = self._model, model
             old_path, self._path = self._path, fetched.path
+            if old_path != fetched.path:
+                _HOLDS.hold(fetched.path)
             self._sources, self._sha256 = job.sources, job.sha256
             self._loaded_sha256 = fetched.sha256
+            self._served_from = fetched.source
             self._cache_hit = fetched.cache_hit
             self._bytes_total = fetched.size
             self._bytes_done = fetched.size or 0
@@ -825,6 +862,7 @@ class ModelHandle:
                 "state": self._state.value,
                 "strategy": _safe(lambda: self.strategy.value),
                 "source": self.source,
+                "served_from": self._served_from if self._state is State.READY else None,
                 "bytes_total": self._bytes_total,
                 "bytes_done": self._bytes_done,
                 "cache_hit": self._cache_hit,
