@@ -348,8 +348,8 @@ def first_start(
         results,
         hub,
         None,
-        "modelcache verifies the sha256 while downloading (one stream, split into parallel "
-        "ranges only when it runs slow); "
+        "modelcache verifies the sha256 while downloading (one stream, parallel ranges only "
+        "when a first request runs slow); "
         "torch.hub downloads in one stream and checks no hash (check_hash=False, the default).",
     )
 

@@ -460,6 +460,8 @@ class Cache:
         try:
             yield report
         finally:
+            if bar.total is not None and bar.n >= bar.total:
+                bar.refresh()  # draw the finished bar once before it is cleared
             bar.close()
 
     def _download(

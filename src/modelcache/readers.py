@@ -172,12 +172,12 @@ class HTTPReader(Reader):
             raise TransientError(self._describe(reason)) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise TransientError(self._describe(error)) from None
-        return self._stream(response, start, "Range" in headers)
+        return self._stream(response, start)
 
     def _describe(self, error: BaseException) -> str:
         return self._source.scrub(f"{type(error).__name__}: {error}")
 
-    def _stream(self, response: Any, start: int, asked_range: bool) -> RangeStream:
+    def _stream(self, response: Any, start: int) -> RangeStream:
         status = response.status
         self.last_headers = response.headers
         # the version's validator: the ETag, else Last-Modified (If-Range accepts both)
@@ -200,14 +200,12 @@ class HTTPReader(Reader):
         if status == 200:
             length = response.headers.get("Content-Length")
             size = int(length) if length and length.isdigit() else None
-            # asked for the whole file: Accept-Ranges says whether later ranges would work
-            accepts = "bytes" in response.headers.get("Accept-Ranges", "").lower()
             return RangeStream(
                 self._pieces(response),
                 0,
                 size,
                 etag,
-                accepts and start == 0 and not asked_range,
+                False,
                 close=lambda: _discard(response),
                 readinto=self._readinto(response),
             )

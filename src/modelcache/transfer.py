@@ -1,13 +1,14 @@
 """Resumable, verified, retrying copy of one remote file into a local ``.part`` file.
 
-A download starts as one stream over the rest of the file: a thread reads it into a few
-reusable buffers and writes each where it belongs (``os.pwrite``) while the calling thread
+A download starts with one ranged request for its first chunks: a thread reads the stream into a
+few reusable buffers and writes each where it belongs (``os.pwrite``) while the calling thread
 hashes the buffers in order, so the file is never read twice and reading and hashing overlap.
-When that stream runs slower than ``TransferOptions.split_below`` (origins and CDNs that cap
-each connection), the rest is fetched as consecutive chunks by several workers at once (ranged
-requests), still hashed in order as they arrive: chunks ahead of the hashing frontier wait in
-memory, and workers may run at most ``connections`` chunks ahead, which bounds memory to about
-``connections * chunk_size``.
+That request's rate decides the rest. At least ``TransferOptions.split_below``: one more request
+streams the rest the same way. Slower (origins and CDNs that cap each connection): the rest is
+fetched as consecutive chunks by several workers at once (ranged requests), still hashed in
+order as they arrive: chunks ahead of the hashing frontier wait in memory, and workers may run
+at most ``connections`` chunks ahead, which bounds memory to about ``connections * chunk_size``.
+Every request is bounded or read to its end, so no byte leaves the origin twice.
 
 The frontier (bytes written and hashed without a gap) is recorded beside the part file, so a
 download killed at any point resumes from there: the kept prefix is re-hashed from disk, not
@@ -48,7 +49,7 @@ __all__ = [
 
 MiB = 1 << 20
 _SAVE_EVERY = 0.5  # seconds between two records of the resume frontier
-_PROBE = 0.3  # seconds a first stream runs before its rate decides whether to split
+_PROBE_CHUNKS = 2  # a first ranged request of this many chunks measures the origin's rate
 _HAND_OVER = 0.25  # seconds a partly filled buffer waits before it is hashed anyway
 _BUFFERED = 4 * MiB  # bytes of reusable buffers between a single stream and its hasher
 Progress = Callable[[int, "int | None"], None]
@@ -63,9 +64,10 @@ class TransferOptions:
         connections: concurrent ranged requests per file at most (1 = a single stream).
         chunk_size: bytes asked for by each ranged request.
         piece_size: bytes read from the network at a time.
-        split_below: bytes per second; a download starts as one stream, and when that stream
-            runs slower than this, the rest is fetched as ``connections`` parallel ranged
-            requests. ``math.inf``: parallel from the first byte; ``0``: never.
+        split_below: bytes per second; a download's first request (two chunks) measures the
+            origin's rate: below this, the rest is fetched as ``connections`` parallel ranged
+            requests, else as one stream. ``math.inf``: parallel from the first byte; ``0``:
+            one stream, no first measure.
         retries: attempts after a transient failure, counted since the last byte of progress.
         backoff: first retry delay in seconds, doubled each attempt, with jitter.
         max_backoff: cap on one delay (a longer ``Retry-After`` is honoured up to ``deadline``).
@@ -359,7 +361,9 @@ class _Job:
         self.fetched = 0
         self._fetched_lock = threading.Lock()
         self.on_size: Callable[[int, int], None] | None = None
-        self.one_stream = options.connections == 1  # no parallel ranges (refused, or asked)
+        # no parallel ranges: refused by the origin, or not wanted
+        self.one_stream = options.connections == 1 or options.split_below == 0
+        self.streaming = False  # a first request was fast: the rest is one stream
         self._saved_at = time.monotonic()
         self._size_checked = False
 
@@ -397,12 +401,17 @@ class _Job:
         self._save_state()
 
     def _attempt_once(self) -> bool:
-        """One pass over the file from the frontier; True when more remains (size unknown)."""
+        """One pass over the file from the frontier; True when more remains."""
         chunk = self.reader.chunk_size or self.options.chunk_size
         if self.size is not None and self.frontier == self.size:
             return False
-        parallel = not self.one_stream and math.isinf(self.options.split_below)
-        first_end = self.frontier + chunk if parallel else None
+        parallel = math.isinf(self.options.split_below)
+        if self.one_stream or self.streaming:
+            first_end = None  # the rest as one stream
+        elif parallel:
+            first_end = self.frontier + chunk  # ranged requests from the first byte
+        else:
+            first_end = self.frontier + _PROBE_CHUNKS * chunk  # its rate decides what follows
         stream = self.reader.open(self.frontier, first_end, self.etag)
         if stream.start != self.frontier:
             # the origin ignored the range or the file changed: start again from byte 0
@@ -417,21 +426,27 @@ class _Job:
         self.size = stream.size
         if self.size is not None:
             self._check_size(self.size)
-        splittable = stream.ranged and self.size is not None and not self.one_stream
-        if parallel and splittable and first_end is not None and self.size is not None:
-            first_stop = min(first_end, self.size)
-            self._run_plan(stream, [(self.frontier, first_stop), *self._chunks(first_stop, chunk)])
-        elif parallel and stream.ranged and first_end is not None:
+        more = False
+        if first_end is None or not stream.ranged:
+            self._stream_through(stream)  # to the end of the file
+        elif self.size is None:
             # an origin that honours ranges but does not tell the size: one chunk at a time
             self._run_plan(stream, [(self.frontier, first_end)])
-            if self.size is None and self.frontier == first_end:
-                return True
-        elif self._stream_through(stream, split=splittable and self.size is not None):
-            # the single stream was slow (a per-connection cap): the rest in parallel
-            self._run_plan(None, self._chunks(self.frontier, chunk))
-        if self.size is not None and self.frontier != self.size:
+            more = self.frontier == first_end
+        elif parallel:
+            first_stop = min(first_end, self.size)
+            self._run_plan(stream, [(self.frontier, first_stop), *self._chunks(first_stop, chunk)])
+        else:
+            rate = self._stream_through(stream)
+            if self.frontier < self.size and rate is not None and rate < self.options.split_below:
+                # a slow stream (a per-connection cap): the rest as parallel ranged requests
+                self._run_plan(None, self._chunks(self.frontier, chunk))
+            else:
+                self.streaming = True  # a fast stream: the rest as one more request
+                more = self.frontier < self.size
+        if not more and self.size is not None and self.frontier != self.size:
             raise TransientError(f"got {self.frontier} of {self.size} bytes")
-        return False
+        return more
 
     def _chunks(self, start: int, chunk: int) -> list[tuple[int, int | None]]:
         assert self.size is not None
@@ -457,11 +472,10 @@ class _Job:
 
     # -- one stream: a reading thread, hashed here ---------------------------------------------
 
-    def _stream_through(self, stream: RangeStream, *, split: bool) -> bool:
+    def _stream_through(self, stream: RangeStream) -> float | None:
         """Read ``stream`` to its end, hashing here while another thread reads and writes.
 
-        With ``split``, a stream slower than ``split_below`` is stopped once it has run for a
-        moment: True then means the rest of the file still has to be fetched.
+        Returns the rate it ran at in bytes per second (``None``: too quick to tell).
         """
         options = self.options
         free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
@@ -476,38 +490,33 @@ class _Job:
             name="modelcache-stream",
         )
         reader.start()
-        chunk = self.reader.chunk_size or options.chunk_size
-        began: tuple[float, int] | None = None  # when the first bytes were hashed, and where
+        first: tuple[float, int] | None = None  # when the first bytes were hashed, and where
+        last = 0.0
         try:
             while True:
                 item = self._next(lambda timeout: filled.get(timeout=timeout))
                 if item is _STOP:
-                    if self.cancel.is_set():
-                        raise FatalError("cancelled")
-                    return stop.is_set()
+                    break
                 data, buffer = item
                 self.hasher.update(data)
                 self.frontier += len(data)
                 free.put(buffer)
                 self._maybe_save_state()
                 self._report()
-                if not split or stop.is_set():
-                    continue
-                now = time.monotonic()
-                if began is None:
-                    began = (now, self.frontier)
-                elif now - began[0] >= _PROBE:
-                    split = False  # decided once
-                    rate = (self.frontier - began[1]) / (now - began[0])
-                    left = (self.size or 0) - self.frontier
-                    if rate < options.split_below and left > 2 * chunk:
-                        stop.set()  # the reader stops after its current buffer
+                last = time.monotonic()
+                if first is None:
+                    first = (last, self.frontier)
         finally:
             stop.set()
             _close(stream)
             reader.join()
             with contextlib.suppress(OSError):
                 self._save_state()
+        if self.cancel.is_set():
+            raise FatalError("cancelled")
+        if first is None or last - first[0] < 0.005:
+            return None
+        return (self.frontier - first[1]) / (last - first[0])
 
     def _read_stream(
         self,
