@@ -314,8 +314,11 @@ class Cache:
         return [(p, True) for p in self.read_only_paths] + [(self.path, False)]
 
     def _find(self, source: Source, digest: str | None) -> Fetched | None:
-        """A verified entry for ``source``: by its sha256, else an entry of the same source
-        fetched earlier without one whose bytes have that sha256 (no second copy)."""
+        """A verified entry for ``source`` and ``digest``, if the cache has one.
+
+        Besides the entry keyed by the digest, an entry of the same source fetched earlier
+        without a digest counts when its bytes have that sha256 (no second copy).
+        """
         hit = self._lookup(self._key(source, digest), source)
         if hit is not None or digest is None:
             return hit

@@ -106,6 +106,11 @@ class _Holds:
 _HOLDS = _Holds()
 
 
+def _serving(sources: Sequence[Source], fetched: Fetched) -> Source:
+    """The source (of a list of mirrors) that ``fetched`` came from."""
+    return next((s for s in sources if s.redacted == fetched.source), sources[0])
+
+
 def _parse_quantize(value: str | None, origin: str) -> str | None:
     if value is None or str(value).strip().lower() == "none":
         return None
@@ -496,8 +501,7 @@ class ModelHandle:
                 self._bytes_total = fetched.size
                 self._bytes_done = fetched.size or 0
                 self._timings.update(timings)
-            serving = next((s for s in sources if s.redacted == fetched.source), sources[0])
-            model = self._load(fetched, timings, serving)
+            model = self._load(fetched, timings, _serving(sources, fetched))
         except Exception as failure:
             error = self._as_error(failure, sources[0])
         except BaseException as failure:  # SystemExit or the like in this thread: still end
@@ -768,8 +772,7 @@ class ModelHandle:
                 job.bytes_total = fetched.size
                 job.bytes_done = fetched.size or 0
                 job.timings.update(timings)
-            serving = next((s for s in job.sources if s.redacted == fetched.source), job.sources[0])
-            model = self._load(fetched, timings, serving)
+            model = self._load(fetched, timings, _serving(job.sources, fetched))
         except Exception as failure:
             error = self._as_error(failure, job.sources[0])
             with self._cond:
