@@ -113,7 +113,7 @@ def test_a_slow_single_stream_is_split_into_parallel_ranges(tmp_path: Path) -> N
     result = download(reader, tmp_path / "x.part", options=options)
     assert result.sha256 == sha(data)
     assert reader.opened[0] == (0, 512 * 1024)  # two chunks measure the rate
-    assert len(reader.opened) == 1 + 14  # then every other chunk on its own
+    assert len(reader.opened) == 1 + 14  # then each remaining chunk on its own
     assert result.fetched == len(data)
 
 
