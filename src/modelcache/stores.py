@@ -23,7 +23,7 @@ memory, so ``connections * chunk`` bounds memory. ``storage_options={"s3": {"con
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -154,12 +154,8 @@ class PresignedS3Reader(Reader):
             url = self._fs.url(self._path, expires=self.EXPIRES)
         except Exception as error:
             raise classify(error) from None
-        reader = HTTPReader(Source(url), self._options)
-        try:
-            stream = reader.open(start, end, etag)
-        finally:
-            reader.close()
-        declared = {"Metadata": {"sha256": reader.last_headers.get("x-amz-meta-sha256")}}
+        stream, headers = _open_http(url, {}, self._options, start, end, etag)
+        declared = {"Metadata": {"sha256": headers.get("x-amz-meta-sha256")}}
         self.declared_sha256 = _declared_sha256(declared)
         return stream
 
@@ -290,8 +286,20 @@ class GCSReader(Reader):
             raise classify(error) from None
         if params:
             url += "&" + urlencode(params)
-        reader = HTTPReader(Source(url, {"headers": headers}), self._options)
-        try:
-            return reader.open(start, end, etag)
-        finally:
-            reader.close()
+        return _open_http(url, headers, self._options, start, end, etag)[0]
+
+
+def _open_http(
+    url: str,
+    headers: dict[str, str],
+    options: TransferOptions,
+    start: int,
+    end: int | None,
+    etag: str | None,
+) -> tuple[RangeStream, Mapping[str, str]]:
+    """One ranged GET of a URL freshly signed or authorised; the stream and its headers."""
+    reader = HTTPReader(Source(url, {"headers": headers}), options)
+    try:
+        return reader.open(start, end, etag), reader.last_headers
+    finally:
+        reader.close()

@@ -361,9 +361,8 @@ class _Job:
         self.fetched = 0
         self._fetched_lock = threading.Lock()
         self.on_size: Callable[[int, int], None] | None = None
-        # no parallel ranges: refused by the origin, or not wanted
+        # the rest as one stream: parallel ranges not wanted, refused, or a first request was fast
         self.one_stream = options.connections == 1 or options.split_below == 0
-        self.streaming = False  # a first request was fast: the rest is one stream
         self._saved_at = time.monotonic()
         self._size_checked = False
 
@@ -406,7 +405,7 @@ class _Job:
         if self.size is not None and self.frontier == self.size:
             return False
         parallel = math.isinf(self.options.split_below)
-        if self.one_stream or self.streaming:
+        if self.one_stream:
             first_end = None  # the rest as one stream
         elif parallel:
             first_end = self.frontier + chunk  # ranged requests from the first byte
@@ -442,7 +441,7 @@ class _Job:
                 # a slow stream (a per-connection cap): the rest as parallel ranged requests
                 self._run_plan(None, self._chunks(self.frontier, chunk))
             else:
-                self.streaming = True  # a fast stream: the rest as one more request
+                self.one_stream = True  # a fast stream: the rest as one more request
                 more = self.frontier < self.size
         if not more and self.size is not None and self.frontier != self.size:
             raise TransientError(f"got {self.frontier} of {self.size} bytes")
@@ -469,6 +468,20 @@ class _Job:
     def _report(self) -> None:
         if self.progress is not None:
             self.progress(self.frontier, self.size)
+
+    def _store(self, data: bytes | memoryview, position: int) -> int:
+        """Write fetched bytes where they belong (any thread); the position after them."""
+        _pwrite_all(self.fd, data, position)
+        with self._fetched_lock:
+            self.fetched += len(data)
+        return position + len(data)
+
+    def _hashed(self, data: bytes | memoryview) -> None:
+        """Hash the next bytes in order and advance the frontier (the hashing thread only)."""
+        self.hasher.update(data)
+        self.frontier += len(data)
+        self._maybe_save_state()  # also within a long stream
+        self._report()
 
     # -- one stream: a reading thread, hashed here ---------------------------------------------
 
@@ -498,11 +511,8 @@ class _Job:
                 if item is _STOP:
                     break
                 data, buffer = item
-                self.hasher.update(data)
-                self.frontier += len(data)
+                self._hashed(data)
                 free.put(buffer)
-                self._maybe_save_state()
-                self._report()
                 last = time.monotonic()
                 if first is None:
                     first = (last, self.frontier)
@@ -540,10 +550,7 @@ class _Job:
                     data = next(pieces, b"")
                 if not data:
                     break
-                _pwrite_all(self.fd, data, position)
-                position += len(data)
-                with self._fetched_lock:
-                    self.fetched += len(data)
+                position = self._store(data, position)
                 filled.put((data, buffer))
                 self.budget.progressed()
             filled.put(_STOP)
@@ -640,10 +647,7 @@ class _Job:
             item = self._next(pieces.get)
             if item is _STOP:
                 return
-            self.hasher.update(item)
-            self.frontier += len(item)
-            self._maybe_save_state()  # also within a long single stream
-            self._report()
+            self._hashed(item)
 
     def _fetch_chunk(
         self,
@@ -672,10 +676,7 @@ class _Job:
                             return
                         if end is not None and position + len(piece) > end:
                             piece = piece[: end - position]
-                        _pwrite_all(self.fd, piece, position)
-                        position += len(piece)
-                        with self._fetched_lock:
-                            self.fetched += len(piece)
+                        position = self._store(piece, position)
                         if not out.put(piece, abort):
                             return
                         self.budget.progressed()
