@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from modelcache import Cache, TransferOptions
-from modelcache.cache import Cache as _CacheImpl
 
 MiB = 1 << 20
 
@@ -48,11 +47,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 def _release_leases() -> Iterator[None]:
     """Drop the in-use leases this process took, so tests do not see each other's."""
     yield
-    with _CacheImpl._leases_lock:
-        fds = list(_CacheImpl._leases.values())
-        _CacheImpl._leases.clear()
-    for fd in fds:
-        os.close(fd)
+    Cache._leases.give_back_all()
 
 
 @pytest.fixture

@@ -72,14 +72,19 @@ def test_warm_start_needs_no_origin_at_all(modelcache_home: Path) -> None:
     assert Cache().fetch(url, sha(data)).read_bytes() == data
 
 
-def test_key_is_the_sha256_when_given(cache: Cache, model_server: ModelServer) -> None:
+def test_the_bytes_are_stored_once_under_their_sha256(
+    cache: Cache, model_server: ModelServer
+) -> None:
     data = make_payload(1000)
     url = model_server.add("k.bin", data)
     path = cache.fetch(url, sha256=sha(data).upper())
-    assert path.parent.name == sha(data)
     (entry,) = cache.entries()
-    assert entry.key == sha(data)
     assert entry.sha256 == sha(data)
+    assert entry.path == path
+    blob = cache.path / "blobs" / sha(data)
+    assert blob.read_bytes() == data
+    assert os.path.samefile(path, blob)  # the entry's file is the blob, not a copy
+    assert [p.name for p in (cache.path / "blobs").iterdir()] == [sha(data)]
 
 
 def test_entries_describe_every_entry(cache: Cache, model_server: ModelServer) -> None:
@@ -92,7 +97,7 @@ def test_entries_describe_every_entry(cache: Cache, model_server: ModelServer) -
     assert set(entries) == {url_a, url_b}
     assert entries[url_a].size == 1000
     assert entries[url_a].sha256 == sha(a)  # computed while writing, none was given
-    assert entries[url_b].key == sha(b)
+    assert entries[url_b].sha256 == sha(b)
     assert entries[url_b].path.read_bytes() == b
     for entry in entries.values():
         assert time.time() - entry.last_used < 60
@@ -819,17 +824,19 @@ def test_insufficient_space_is_a_clear_error(tmp_path: Path, model_server: Model
 
 
 def _fill(cache: Cache, server: ModelServer, names: list[str], size: int) -> dict[str, str]:
+    """Fetch one file per name; the entries' keys."""
     keys = {}
     for n, name in enumerate(names):
         data = make_payload(size, n)
-        keys[name] = sha(data)
-        cache.fetch(server.add(name, data), keys[name])
-        cache.release(keys[name])
+        key = cache.fetch_details(server.add(name, data), sha(data)).key
+        assert key is not None
+        keys[name] = key
+        cache.release(key)
     return keys
 
 
 def _set_last_used(cache: Cache, key: str, when: float) -> None:
-    os.utime(cache.path / key / "meta.json", (when, when))
+    os.utime(cache.path / "refs" / key / "meta.json", (when, when))
 
 
 def test_remove_deletes_one_entry(cache: Cache, model_server: ModelServer) -> None:
@@ -842,7 +849,7 @@ def test_remove_deletes_one_entry(cache: Cache, model_server: ModelServer) -> No
 
 def test_remove_refuses_an_entry_in_use(cache: Cache, model_server: ModelServer) -> None:
     keys = _fill(cache, model_server, ["a.bin"], 1000)
-    cache.lookup(model_server.url + "/a.bin", keys["a.bin"])  # this process uses it again
+    cache.lookup(model_server.url + "/a.bin")  # this process uses it again
     with pytest.raises(ModelCacheError, match="in use"):
         cache.remove(keys["a.bin"])
     cache.release(keys["a.bin"])
@@ -856,9 +863,7 @@ def test_prune_evicts_least_recently_used_but_never_an_entry_in_use(
     size = 10_000
     keys = _fill(cache, model_server, ["old.bin", "mid.bin", "new.bin", "used.bin"], size)
     held = tmp_path / "held"
-    worker = spawn(
-        cache.path, model_server.url + "/used.bin", sha256=keys["used.bin"], hold=str(held)
-    )
+    worker = spawn(cache.path, model_server.url + "/used.bin", hold=str(held))
     assert worker.result()["cache_hit"]
     wait_for(held.exists, what="the worker to hold its entry")
     now = time.time()
@@ -894,9 +899,10 @@ def test_a_sha256_given_later_reuses_the_entry_fetched_without_one(
 
 def test_prune_keeps_entries_this_process_uses(cache: Cache, model_server: ModelServer) -> None:
     data = make_payload(1000)
-    cache.fetch(model_server.add("mine.bin", data), sha(data))
+    key = cache.fetch_details(model_server.add("mine.bin", data), sha(data)).key
     assert cache.prune(0) == []
-    cache.release(sha(data))
+    assert key is not None
+    cache.release(key)
     assert len(cache.prune(0)) == 1
 
 
@@ -1002,8 +1008,8 @@ def test_docs_cache_page_describes_the_real_layout(cache: Cache, model_server: M
     assert set(documented) == set(real)
     assert set(documented["files"][0]) == set(real["files"][0])
     (layout,) = code_blocks("cache.md", "text")
-    for name in (".locks", ".tmp"):
-        assert (cache.path / name).is_dir()
+    for name in ("blobs", "refs", "layout.json", ".locks", ".tmp"):
+        assert (cache.path / name).exists()
         assert name in layout
 
 

@@ -550,17 +550,17 @@ def test_verify_finds_a_flipped_byte_and_rm_clears_it(
 
 
 def test_rm_by_prefix_and_its_failures(home: Path, serve: Callable[..., tuple[str, bytes]]) -> None:
-    # two entries keyed by sha256 whose keys start alike, to make a prefix ambiguous
+    # two entries whose sha256s start alike, to make a prefix ambiguous
     first = make_payload(1000, 0)
     seed = 1
     while sha(make_payload(1000, seed))[0] != sha(first)[0]:
         seed += 1
     second = make_payload(1000, seed)
     keep, _ = serve("keep.bin")
-    ok(modelcache("fetch", keep, "--cache", home))  # keyed by its URL
+    ok(modelcache("fetch", keep, "--cache", home))
     for name, data in (("one.bin", first), ("two.bin", second)):
         url = serve(name, 1000, 0 if data is first else seed)[0]
-        ok(modelcache("fetch", url, "--sha256", sha(data), "--cache", home))  # keyed by sha256
+        ok(modelcache("fetch", url, "--sha256", sha(data), "--cache", home))
 
     ambiguous = modelcache("rm", sha(first)[0], "--cache", home)
     assert ambiguous.returncode == 1
@@ -573,7 +573,7 @@ def test_rm_by_prefix_and_its_failures(home: Path, serve: Callable[..., tuple[st
     removed = json.loads(
         ok(modelcache("rm", sha(first)[:8], sha(second), "--cache", home, "--json")).stdout
     )
-    assert {e["key"] for e in removed} == {sha(first), sha(second)}
+    assert {e["sha256"] for e in removed} == {sha(first), sha(second)}
     assert [e["source"] for e in entries(home)] == [keep]
     assert modelcache("rm", "--cache", home).returncode == 2
 

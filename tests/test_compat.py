@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from modelcache import IntegrityError, NotCachedError, SourceError, recipes
+from modelcache import Cache, IntegrityError, NotCachedError, SourceError, recipes
 from modelcache.compat import load_state_dict_from_url, whisper_load_model
 from modelcache.testing import ModelServer
 from modelcache.testing.fake_weights import WHISPER_TEST_DIMS
@@ -227,8 +227,8 @@ def test_check_hash_verifies_the_prefix_in_the_file_name(
         load_state_dict_from_url(bad, check_hash=True)
     assert "resnet-0badc0de.pth" in str(caught.value)  # names the model and the source
     assert bad in str(caught.value)
-    entries = [p for p in modelcache_home.iterdir() if not p.name.startswith(".")]
-    assert len(entries) == 1  # the good one stays, the bad one is gone
+    (entry,) = Cache(modelcache_home).entries()  # the good one stays, the bad one is gone
+    assert entry.source == good
     assert len(load_state_dict_from_url(bad)) > 0  # without check_hash it loads
     with pytest.raises(IntegrityError):  # file_name decides which name carries the prefix
         load_state_dict_from_url(good, check_hash=True, file_name="resnet-0badc0de.pth")

@@ -141,7 +141,7 @@ def test_the_demo_serves_real_embeddings(run_demo: Any) -> None:
         run_documented_curls(url)
         page = client.get("/models", headers={"Accept": "text/html"})
         assert page.headers["content-type"].startswith("text/html")
-    entries = list((Path(demo.output).parent / "cache").glob("*/meta.json"))
+    entries = list((Path(demo.output).parent / "cache").glob("refs/*/meta.json"))
     assert len(entries) == 1  # the weights are in the cache now
     demo.proc.send_signal(signal.SIGINT)
     assert demo.proc.wait(20) == 0  # Ctrl-C stops it cleanly

@@ -190,7 +190,7 @@ def test_the_dockerfile_preloads_at_build_and_serves_offline_from_the_image(
         assert model_server.count(f"v1/{name}.safetensors")[0] >= 1
         assert re.search(rf"^{name}\s+downloaded\s", build_output, re.MULTILINE), build_output
     baked = dockerfile.env["MODELCACHE_READ_ONLY_PATHS"]
-    assert {p.name for p in image.path(baked).glob("*/*.safetensors")} == {
+    assert {p.name for p in image.path(baked).glob("refs/*/*.safetensors")} == {
         f"{name}.safetensors" for name in MODELS
     }
 

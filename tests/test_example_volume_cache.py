@@ -40,7 +40,7 @@ def example(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_image_build_fills_the_read_only_layer(run: tuple[Path, dict[str, Any]]) -> None:
     workdir, summary = run
     assert summary["build"]["requests"] == 2
-    entries = [p for p in (workdir / "opt-models").iterdir() if not p.name.startswith(".")]
+    entries = list((workdir / "opt-models" / "refs").iterdir())
     assert len(entries) == 2
 
 
@@ -63,7 +63,8 @@ def test_a_new_version_goes_to_the_volume_and_stays_there(
     assert update["models"]["sam2"]["from"] == "volume"
     assert update["models"]["sam2"]["cache_hit"] is False
     assert update["models"]["groundingdino"]["from"] == "image"
-    assert update["volume_files"] == 2  # the new file and its meta.json
+    # the new version only: its blob, its ref (the file's link and meta.json), the layout version
+    assert update["volume_files"] == 4
 
     after = summary["next start, offline"]
     assert after["requests"] == 0

@@ -13,9 +13,9 @@ from servers.proxy import FaultProxy
 from servers.stores import GCSBucket, S3Bucket
 
 from modelcache import Cache, IntegrityError, SourceError
+from modelcache._hashing import manifest_digest
 from modelcache.mirror import mirror
 from modelcache.testing import ModelServer
-from modelcache.tree import manifest_digest
 
 pytest_plugins = ["servers.fixtures"]
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelcache import Cache, LoadError, ModelHandle
-from modelcache.cache import hash_file
+from modelcache._hashing import hash_file
 from modelcache.int8 import Int8Weight
 from modelcache.loaders import build_on_meta, module_loader
 from modelcache.quantize import INSTALL_HINT, quantize_model

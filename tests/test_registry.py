@@ -189,7 +189,7 @@ def test_close_during_a_throttled_download_stops_everything(
     assert not models.ready
     # nothing half-written was published: the only entry is the small file
     assert [e.source for e in cache.entries()] == [small]
-    published = [p.name for p in cache.path.iterdir() if not p.name.startswith(".")]
+    published = [p.name for p in (cache.path / "refs").iterdir()]
     assert len(published) == 1
     assert model_server.count("big.bin")[1] < size
     parts = _part_sizes(cache.path)

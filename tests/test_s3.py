@@ -17,7 +17,7 @@ from servers.proxy import FaultProxy
 from servers.stores import S3_SECRET, S3Bucket
 
 from modelcache import Cache, IntegrityError, SourceError
-from modelcache.tree import manifest_digest
+from modelcache._hashing import manifest_digest
 
 pytest_plugins = ["servers.fixtures"]
 SIGNED = re.compile(r"[?&](?:X-Amz-)?Signature=([^&\s]+)")  # a query-signed URL (v2 or v4)

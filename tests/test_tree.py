@@ -17,8 +17,9 @@ from servers.proxy import FaultProxy
 from servers.stores import S3_KEY, S3_SECRET, GCSBucket, S3Bucket, ServerProcess
 
 from modelcache import Cache, IntegrityError, ModelHandle, SourceError
+from modelcache._hashing import manifest_digest
+from modelcache._plan import Selection
 from modelcache.testing import ModelServer
-from modelcache.tree import Selection, manifest_digest
 
 pytest_plugins = ["servers.fixtures"]
 
@@ -96,8 +97,8 @@ def test_directory_pinned_by_its_sha256(cache: Cache, s3_bucket: S3Bucket) -> No
     assert cache.entries() == []
 
     got = cache.fetch_details(url, digest, storage_options=s3_bucket.options())
-    assert got.path.parent.name == digest
-    assert [e.key for e in cache.entries()] == [digest]
+    assert got.sha256 == digest
+    assert [e.sha256 for e in cache.entries()] == [digest]
 
 
 def test_verify_finds_a_flipped_byte_in_one_file_of_a_directory(

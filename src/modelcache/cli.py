@@ -6,8 +6,9 @@ Commands (``modelcache COMMAND --help`` for each)::
     modelcache fetch --registry pkg.mod:attr   pre-load every handle of an app's Registry
     modelcache ls [--json]                     entries with size, source, last use
     modelcache verify [--json]                 re-hash entries; exit 1 if any is corrupt
-    modelcache rm KEY [KEY ...]                delete entries (a unique key prefix will do)
+    modelcache rm KEY [KEY ...]                delete entries (a unique key or sha256 prefix)
     modelcache prune --max-size 10GB           evict least recently used entries
+    modelcache clear                           delete everything (also a cache of an old layout)
     modelcache mirror SOURCE DEST              copy a model to your own bucket or volume
 
 Exit status: 0 on success, 1 on a failure the message explains, 2 on bad usage. Results go
@@ -22,7 +23,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -31,8 +31,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ._hashing import normalize_sha256
+from ._sizes import format_size, parse_size
 from ._version import __version__
-from .cache import Cache, Entry, normalize_sha256
+from .cache import Cache, Entry
 from .errors import ModelCacheError
 from .handle import ModelHandle
 from .registry import Registry
@@ -42,57 +44,12 @@ __all__ = ["format_age", "format_size", "main", "parse_size"]
 
 PROG = "modelcache"
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-
 
 class Failure(Exception):
     """A failure the message explains: printed on one line, exit status 1."""
 
 
 # -- values: sizes, ages, digests ---------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``10GB``, ``1.5G``, ``512MiB``, ``4096``: decimal (kB, MB, GB, TB; K, M, G, T)
-    or binary (KiB, MiB, GiB, TiB) units, case-insensitive."""
-    match = _SIZE.match(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ValueError(
-            f"invalid size {text!r}: expected a number with an optional unit "
-            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 10GB or 512MiB"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def format_size(size: int | None) -> str:
-    """A size for people, in binary units: ``512 B``, ``12.0 MiB``, ``1.5 GiB``."""
-    if size is None:
-        return "?"
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def format_age(timestamp: float, now: float | None = None) -> str:
@@ -395,7 +352,7 @@ def _cmd_rm(args: argparse.Namespace, out: Output) -> int:
     failures = 0
     for key in args.keys:
         try:
-            entry = _find(cache, key)
+            entry = cache.entry(key)
             cache.remove(entry.key)
         except (KeyError, ModelCacheError) as error:
             out.error(error.args[0] if isinstance(error, KeyError) else str(error))
@@ -409,15 +366,6 @@ def _cmd_rm(args: argparse.Namespace, out: Output) -> int:
     if failures:
         raise Failure(f"{_plural(failures, 'entry was', 'entries were')} not removed")
     return 0
-
-
-def _find(cache: Cache, key: str) -> Entry:
-    matches = [e for e in cache.entries() if not e.read_only and key and e.key.startswith(key)]
-    if not matches:
-        raise KeyError(f"no entry {key!r} in {cache.path} (see `modelcache ls`)")
-    if len(matches) > 1:
-        raise KeyError(f"{key!r} matches {len(matches)} entries; give more of the key")
-    return matches[0]
 
 
 def _cmd_prune(args: argparse.Namespace, out: Output) -> int:
@@ -447,6 +395,16 @@ def _cmd_prune(args: argparse.Namespace, out: Output) -> int:
         )
     if held > args.max_size:
         out.note(f"{PROG}: note: entries in use by running processes were kept")
+    return 0
+
+
+def _cmd_clear(args: argparse.Namespace, out: Output) -> int:
+    cache = _cache(args)
+    removed = cache.clear()
+    if args.json:
+        out.json({"removed": removed, "path": str(cache.path)})
+    else:
+        out.note(f"removed {_plural(removed, 'entry', 'entries')} from {cache.path}")
     return 0
 
 
@@ -615,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rm",
         parents=parents,
         help="delete entries",
-        description="Delete entries by key (a unique prefix will do). "
+        description="Delete entries by key or sha256 (a unique prefix will do). "
         "An entry a running process uses is not deleted.",
     )
     rm.add_argument("keys", nargs="+", metavar="KEY")
@@ -636,6 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 10GB, 512MiB, 0 (decimal: KB MB GB TB; binary: KiB MiB GiB TiB)",
     )
     prune.set_defaults(handler=_cmd_prune)
+
+    clear = commands.add_parser(
+        "clear",
+        parents=parents,
+        help="delete every entry",
+        description="Delete every entry and blob of the writable cache, whatever version of "
+        "modelcache wrote it. Stop the processes that use the cache first.",
+    )
+    clear.set_defaults(handler=_cmd_clear)
 
     mirror = commands.add_parser(
         "mirror",

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .cache import Cache, hash_file
+from ._hashing import hash_file
+from .cache import Cache, Fetched
 from .errors import IntegrityError, ModelCacheError
 from .recipes import WHISPER_MODELS, _import_whisper, whisper_loader, whisper_sha256
 
@@ -80,7 +81,7 @@ def load_state_dict_from_url(
     if check_hash:
         match = HASH_REGEX.search(name)
         if match is not None:
-            _check_prefix(cache, fetched.path, fetched.sha256, match.group(1), name, fetched.source)
+            _check_prefix(cache, fetched, match.group(1), name)
     loaded: dict[str, Any] = _torch_load(fetched.path, map_location, weights_only)
     return loaded
 
@@ -97,22 +98,20 @@ def _hub_file(model_dir: str | os.PathLike[str] | None, name: str) -> Path | Non
     return candidate if name and candidate.is_file() else None
 
 
-def _check_prefix(
-    cache: Cache, path: Path, sha256: str | None, prefix: str, name: str, source: str
-) -> None:
-    digest = sha256 or hash_file(path)
+def _check_prefix(cache: Cache, fetched: Fetched, prefix: str, name: str) -> None:
+    digest = fetched.sha256 or hash_file(fetched.path)
     if digest.startswith(prefix):
         return
-    entry = path.parent
-    if entry.parent == cache.path:  # an entry of the writable cache (never a file in place)
-        cache.release(entry.name)
-        with contextlib.suppress(KeyError, ModelCacheError):  # another process still uses it
-            cache.remove(entry.name)
+    if fetched.key is not None:  # an entry of the cache (never a file used in place)
+        cache.release(fetched.key)
+        # KeyError: a read-only layer's; ModelCacheError: another process still uses it
+        with contextlib.suppress(KeyError, ModelCacheError):
+            cache.remove(fetched.key)
     raise IntegrityError(
         f"invalid hash value: the file name asks for a sha256 starting {prefix!r}, "
         f"the file has {digest}",
         model=name,
-        source=source,
+        source=fetched.source,
     )
 
 

@@ -62,9 +62,16 @@ class ModelCacheError(Exception):
 
     def with_model(self, model: str | None) -> ModelCacheError:
         """Name the model this error is about (used when a handle re-raises a cache error)."""
+        return self.about(model=model)
+
+    def about(self, *, model: str | None = None, source: str | None = None) -> ModelCacheError:
+        """Name the model and the (redacted) source, where the error does not yet: called once,
+        at the boundary that knows them, so the layers below need not carry them."""
         if model and not self.model:
             self.model = model
-            self.args = (self._message(),)
+        if source and not self.source:
+            self.source = source
+        self.args = (self._message(),)
         return self
 
 

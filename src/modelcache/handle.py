@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from . import config
-from .cache import Cache, Fetched, normalize_sha256
+from ._hashing import normalize_sha256
+from .cache import Cache, Fetched
 from .errors import LoadError, ModelCacheError, NotReadyError
 from .sources import Source, SourceLike, parse_sources
 
@@ -677,7 +678,7 @@ class ModelHandle:
     def _release(self, path: Path) -> None:
         """Let the cache evict the entry at ``path`` again, unless another handle serves it."""
         cache = self.cache
-        if _HOLDS.drop(path) and path.parent.parent == cache.path:
+        if _HOLDS.drop(path) and path.parent.parent == cache.path / "refs":
             cache.release(path.parent.name)
 
     def _start_idle_watch(self) -> None:

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._hashing import manifest_digest
 from .errors import SourceError
 from .filesystems import open_filesystem, retrying
 from .sources import Source, SourceLike
 from .transfer import FatalError, TransferOptions
-from .tree import manifest_digest
 
 __all__ = ["Mirrored", "mirror"]
 
@@ -123,7 +123,7 @@ def _files(local: Path) -> list[tuple[str, Path]]:
 
 def _digests(fetched: Any) -> dict[str, str]:
     """sha256 of each file, from the entry's metadata (hashing only files that lack one)."""
-    from .cache import hash_file
+    from ._hashing import hash_file
 
     found: dict[str, str] = {}
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -169,7 +169,7 @@ def _to_local(
 
 
 def _same_local(path: Path, size: int, digest: str) -> bool:
-    from .cache import hash_file
+    from ._hashing import hash_file
 
     try:
         return path.stat().st_size == size and hash_file(path) == digest
@@ -235,7 +235,7 @@ def _upload(
 
 def _same_remote(fs: Any, remote: str, size: int, digest: str, options: TransferOptions) -> bool:
     """Whether ``remote`` already holds this file (same size and declared sha256)."""
-    from .stores import _declared_sha256
+    from ._planners.stores import _declared_sha256
 
     fs.invalidate_cache(remote)
     try:

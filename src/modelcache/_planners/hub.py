@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import config
-from .errors import NotCachedError
-from .filesystems import classify, require_extra, retrying, transfer_options
-from .readers import HTTPReader
-from .sources import Source, parse_hf_url
-from .transfer import FatalError, Reader, TransferOptions
-from .tree import Plan, RemoteFile, Selection
+from modelcache import config
+from modelcache._plan import Plan, RemoteFile, Selection
+from modelcache.errors import NotCachedError
+from modelcache.filesystems import classify, require_extra, retrying, transfer_options
+from modelcache.readers import HTTPReader
+from modelcache.sources import Source, parse_hf_url
+from modelcache.transfer import FatalError, Reader, TransferOptions
 
 __all__ = ["DEFAULT_ENDPOINT", "HubLocation", "endpoint_for", "parse_hub_url", "plan_hub"]
 

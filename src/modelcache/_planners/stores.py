@@ -27,11 +27,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
-from .filesystems import classify, open_filesystem, retrying, transfer_options
-from .readers import FsspecReader, HTTPReader
-from .sources import Source
-from .transfer import FatalError, RangeStream, Reader, TransferOptions
-from .tree import Plan, RemoteFile, Selection
+from modelcache._plan import Plan, RemoteFile, Selection
+from modelcache.filesystems import classify, open_filesystem, retrying, transfer_options
+from modelcache.readers import FsspecReader, HTTPReader
+from modelcache.sources import Source
+from modelcache.transfer import FatalError, RangeStream, Reader, TransferOptions
 
 __all__ = [
     "S3_CHUNK",
