@@ -45,6 +45,7 @@ class _Fault:
     status: int | None = None
     cut_after: int | None = None
     delay: float = 0.0
+    location: Callable[[str], str] | None = None
 
 
 class FaultProxy:
@@ -95,6 +96,11 @@ class FaultProxy:
         with self._lock:
             self._faults.append(_Fault(match, times, cut_after=after))
 
+    def redirect(self, location: Callable[[str], str], times: int = 1, match: Match = _any) -> None:
+        """Answer the next matching requests with ``307`` to ``location(path)``."""
+        with self._lock:
+            self._faults.append(_Fault(match, times, location=location))
+
     def clear(self) -> None:
         """Disarm every fault and forget the requests seen."""
         with self._lock:
@@ -141,6 +147,9 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def do_DELETE(self) -> None:
             self._forward()
 
+        def do_PATCH(self) -> None:
+            self._forward()
+
         def _body(self) -> bytes | None:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 data = bytearray()
@@ -158,6 +167,12 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _forward(self) -> None:
             body = self._body()
             fault = proxy._take(self.command, self.path)
+            if fault is not None and fault.location is not None:
+                self.send_response(307)
+                self.send_header("Location", fault.location(self.path))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if fault is not None and fault.status is not None:
                 time.sleep(fault.delay)
                 payload = _error_body(fault.status)
