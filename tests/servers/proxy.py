@@ -58,6 +58,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
         """``(method, path)`` of every request received, in order."""
+        self.headers: list[dict[str, str]] = []
+        """The headers of each of those requests."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._server.block_on_close = False
@@ -106,15 +108,17 @@ class FaultProxy:
         with self._lock:
             self._faults.clear()
             self.requests.clear()
+            self.headers.clear()
 
     def count(self, match: Match) -> int:
         """How many requests received so far match."""
         with self._lock:
             return sum(1 for method, path in self.requests if match(method, path))
 
-    def _take(self, method: str, path: str) -> _Fault | None:
+    def _take(self, method: str, path: str, headers: dict[str, str]) -> _Fault | None:
         with self._lock:
             self.requests.append((method, path))
+            self.headers.append(headers)
             for fault in self._faults:
                 if fault.times > 0 and fault.match(method, path):
                     fault.times -= 1
@@ -166,7 +170,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _forward(self) -> None:
             body = self._body()
-            fault = proxy._take(self.command, self.path)
+            fault = proxy._take(self.command, self.path, dict(self.headers.items()))
             if fault is not None and fault.location is not None:
                 self.send_response(307)
                 self.send_header("Location", fault.location(self.path))

@@ -342,4 +342,3 @@ def _wait_ready(registry: Registry, timeout: float = 30.0) -> None:
                 registry.stop()
                 raise RuntimeError("docker-registry did not listen in time") from None
             time.sleep(0.05)
-

@@ -27,7 +27,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "Send",
     "credentials_for",
     "docker_config_path",
+    "merge_scopes",
     "parse_challenge",
     "pull_scope",
     "push_scope",
@@ -72,6 +73,17 @@ def pull_scope(repository: str) -> str:
 def push_scope(repository: str) -> str:
     """The token scope to write ``repository``."""
     return f"repository:{repository}:pull,push"
+
+
+def merge_scopes(scopes: Iterable[str]) -> list[str]:
+    """One scope per resource with the union of its actions (``repository:a:pull,push``)."""
+    actions: dict[str, set[str]] = {}
+    for scope in scopes:
+        resource, sep, wanted = scope.rpartition(":")
+        if not sep or not resource:
+            continue
+        actions.setdefault(resource, set()).update(a for a in wanted.split(",") if a)
+    return [f"{resource}:{','.join(sorted(acts))}" for resource, acts in sorted(actions.items())]
 
 
 @dataclass(frozen=True)
@@ -281,10 +293,11 @@ class Authenticator:
             return self.header(scope) != sent
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return False
-        scopes = sorted({scope, *challenge.scopes})
-        token = self._fetch_token(challenge, scopes)
+        asked = {*scope.split(), *challenge.scopes}
+        token = self._fetch_token(challenge, merge_scopes(asked))
         with self._lock:
-            for each in scopes:
+            self._tokens[scope] = token
+            for each in asked:
                 self._tokens[each] = token
         return token.header != sent
 

@@ -8,9 +8,9 @@ environment, keep-alive, a private CA when given), answers authentication challe
 
 Options (``storage_options={"oci": {...}}``): ``username`` / ``password``; ``plain_http``
 (``True``: http, ``False``: https; default: http for a loopback registry only); ``ca_file``
-(a PEM bundle to trust, for a registry with a private CA); ``upload_chunk_size`` (bytes per
-PATCH when pushing a large blob). ``connections`` / ``chunk_size`` shape downloads as for any
-source.
+(a PEM bundle to trust, for a registry with a private CA; implies https);
+``upload_chunk_size`` (bytes per PATCH when pushing a large blob). ``connections`` /
+``chunk_size`` shape downloads as for any source.
 """
 
 from __future__ import annotations
@@ -200,7 +200,9 @@ class RegistryClient:
         self.options = RegistryOptions.from_mapping(options)
         self.transfer = transfer or TransferOptions()
         plain = self.options.plain_http
-        self.scheme = "http" if (is_loopback(registry) if plain is None else plain) else "https"
+        if plain is None:  # a CA to trust means TLS; else loopback registries speak http
+            plain = self.options.ca_file is None and is_loopback(registry)
+        self.scheme = "http" if plain else "https"
         self.base = f"{self.scheme}://{api_host(registry)}"
         self._pool = pool_for(self.base, self.transfer, self.options.ca_file)
         credentials = credentials_for(
