@@ -31,6 +31,7 @@ from modelcache._oci import (
     collect_files,
     parse_reference,
     push,
+    push_path,
 )
 from modelcache._oci._client import OCI_INDEX
 from modelcache.sources import Source
@@ -243,12 +244,20 @@ def test_one_file_artifact_is_a_file_and_selection_picks_layers(
     weights.write_bytes(make_payload(1000, seed=2))
     push(client, single, collect_files(weights))
     artifact = client.artifact(single)
+    assert artifact.files() == [("", artifact.layers[0])]
+    assert artifact.name == "tiny.pt"
     assert artifact.kind == "file"
     assert [layer.name for layer in artifact.select()] == ["tiny.pt"]
 
     many = _ref(open_registry, _repo())
     model = _model(tmp_path / "m", {"a.json": b"{}", "w/b.safetensors": b"x" * 10, "c.md": b"c"})
     push(client, many, collect_files(model))
+    assert [path for path, _ in client.artifact(many).files()] == [
+        "a.json",
+        "c.md",
+        "w/b.safetensors",
+    ]
+    assert client.artifact(many).name == many.repository.rsplit("/", 1)[-1]
     chosen = parse_reference(f"{many.url()}?include=*.json,w/&exclude=c.md")
     assert [layer.title for layer in client.artifact(chosen).select()] == [
         "a.json",
@@ -529,6 +538,13 @@ def test_anonymous_pull_tokens_and_credentials_to_push(
     assert tokens.requests[0].scopes == [f"repository:{reference.repository}:pull"]
     assert len(tokens.requests) == 1  # one token, cached for the manifest and the blob
 
+    (layer,) = reader.artifact(reference).layers
+    fresh = _client(token_registry.address)  # its first request is a blob GET: 401, a token
+    blob = fresh.blob_reader(reference.repository, layer, FAST)
+    result = download(blob, tmp_path / "fresh.part", options=FAST)
+    assert result.sha256 == layer.sha256
+    assert len(tokens.requests) == 2
+
 
 def test_wrong_credentials_are_refused_without_showing_them(
     token_registry: Registry, basic_registry: Registry, tmp_path: Path
@@ -700,3 +716,21 @@ def test_oras_pulls_what_modelcache_pushed_and_modelcache_reads_what_oras_pushed
         "vocab.txt",
     }
     assert _fetch(client, reference, "vocab.txt", tmp_path / "v.part") == b"a\nb\n"
+
+
+def test_push_path_pushes_a_file_or_a_directory_to_a_url(
+    open_registry: Registry, tmp_path: Path
+) -> None:
+    model = _model(tmp_path / "whisper", {"model.bin": b"w" * 100, "config.json": b"{}"})
+    known = {"config.json": hashlib.sha256(b"{}").hexdigest()}
+    url = f"oci://{open_registry.address}/{_repo()}:tiny"
+    pushed = push_path(model, url, sha256s=known, transfer=FAST)
+    assert pushed.reference.startswith(url + "@sha256:")
+    client = _client(open_registry.address)
+    artifact = client.artifact(parse_reference(pushed.reference))
+    assert sorted(layer.title for layer in artifact.layers) == ["config.json", "model.bin"]
+    manifest = client.manifest(artifact.reference.repository, artifact.digest)
+    config = json.loads(open_registry.blob_file(manifest.document["config"]["digest"]).read_bytes())
+    assert config["descriptor"] == {"name": "whisper"}
+    with pytest.raises(ValueError, match="a push destination has none"):
+        push_path(model, url + "?include=*.bin")

@@ -18,7 +18,16 @@ from ._client import (
     RegistryClient,
     RegistryOptions,
 )
-from ._push import ARTIFACT_TYPE, CONFIG_TYPE, Pushed, PushFile, build_manifest, collect_files, push
+from ._push import (
+    ARTIFACT_TYPE,
+    CONFIG_TYPE,
+    Pushed,
+    PushFile,
+    build_manifest,
+    collect_files,
+    push,
+    push_path,
+)
 from ._reference import Reference, parse_reference
 
 __all__ = [
@@ -42,4 +51,5 @@ __all__ = [
     "docker_config_path",
     "parse_reference",
     "push",
+    "push_path",
 ]

@@ -174,6 +174,25 @@ class Artifact:
             )
         return chosen
 
+    def files(self, selection: Selection | None = None) -> list[tuple[str, Layer]]:
+        """``(path in the entry, layer)`` of the selected layers.
+
+        An artifact of one layer is a file entry: its path is ``""`` and it is named
+        :attr:`name`. Otherwise each layer's path is its title.
+        """
+        chosen = self.select(selection)
+        if self.kind == "file":
+            return [("", chosen[0])]
+        return [(layer.title, layer) for layer in chosen]
+
+    @property
+    def name(self) -> str:
+        """The entry's name: a one-file artifact's file name (loaders go by its suffix), else
+        the repository's last component."""
+        if self.kind == "file":
+            return self.layers[0].name
+        return self.reference.repository.rsplit("/", 1)[-1]
+
     @property
     def meta(self) -> dict[str, Any]:
         """What to record with a cache entry: the tag asked for and the digests it meant."""

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelcache.transfer import FatalError
+from modelcache.transfer import FatalError, TransferOptions
 
 from ._client import ANNOTATION_TITLE, OCI_MANIFEST, DigestError, RegistryClient
-from ._reference import Reference
+from ._reference import Reference, parse_reference
 
 __all__ = [
     "ARTIFACT_TYPE",
@@ -40,6 +40,7 @@ __all__ = [
     "collect_files",
     "layer_media_type",
     "push",
+    "push_path",
 ]
 
 log = logging.getLogger("modelcache")
@@ -197,6 +198,29 @@ def build_manifest(files: list[PushFile], *, name: str | None = None) -> tuple[b
         ],
     }
     return config_raw, _dump(manifest)
+
+
+def push_path(
+    path: Path,
+    dest: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    transfer: TransferOptions | None = None,
+    name: str | None = None,
+    sha256s: Mapping[str, str] | None = None,
+    mount_from: str | None = None,
+) -> Pushed:
+    """Push the model at ``path`` (a file or a directory) to the ``oci://`` URL ``dest``.
+
+    ``sha256s``: digests already known by title (a cache entry's record), not hashed again.
+    Raises ``ValueError`` for a bad URL, :class:`FatalError` when the registry refuses.
+    """
+    reference = parse_reference(dest)
+    if reference.selection:
+        raise ValueError("include/exclude choose files to read; a push destination has none")
+    client = RegistryClient(reference.registry, storage_options, transfer=transfer)
+    files = collect_files(path, sha256s)
+    return push(client, reference, files, name=name or path.name, mount_from=mount_from)
 
 
 def push(
