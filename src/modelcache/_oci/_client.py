@@ -266,9 +266,11 @@ class RegistryClient:
         *,
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
-        stream: bool = False,
     ) -> Any:
-        """One request with this registry's Authorization for ``scope``; a 401 is answered once."""
+        """One request (its body read) with this registry's Authorization for ``scope``.
+
+        A 401 is answered once (a token for the scope, or Basic); a second one is a refusal.
+        """
         for attempt in range(2):
             sent = self._auth.header(scope) if self._same_host(url) else None
             request_headers = self._headers(headers or {})
@@ -280,7 +282,7 @@ class RegistryClient:
                 url,
                 headers=request_headers,
                 body=body,
-                stream=stream,
+                stream=False,
                 scrub=self.scrub,
             )
             if response.status != 401:
@@ -297,7 +299,7 @@ class RegistryClient:
         error = status_error(response.status, response.headers)
         detail = _registry_errors(response)
         reason = f"{what}: {error}{f' ({detail})' if detail else ''}"
-        error.args = (self.scrub(reason),)
+        error.args = (self.scrub(reason),)  # keeps the status or Retry-After it carries
         return error
 
     def _retrying(self, call: Callable[[], T]) -> T:
