@@ -33,7 +33,7 @@ from modelcache._oci import (
     push,
     push_path,
 )
-from modelcache._oci._client import OCI_INDEX
+from modelcache._oci._manifest import OCI_INDEX
 from modelcache.sources import Source
 from modelcache.testing import ModelServer
 from modelcache.transfer import FatalError, TransferOptions, download

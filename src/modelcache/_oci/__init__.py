@@ -2,22 +2,15 @@
 
 - :mod:`._reference` parses ``oci://<registry>[:<port>]/<repository>[:<tag>|@sha256:<digest>]``;
 - :mod:`._auth` finds credentials and answers Basic and Bearer token challenges;
+- :mod:`._manifest` holds manifests, titled layers and artifacts (no I/O);
 - :mod:`._client` resolves tags, reads manifests (an index's first), lists titled layers, opens
   blob ranges for the transfer engine, and uploads blobs and manifests;
 - :mod:`._push` builds a ModelPack artifact of files and pushes it.
 """
 
 from ._auth import Credentials, credentials_for, docker_config_path
-from ._client import (
-    ANNOTATION_TITLE,
-    Artifact,
-    BlobReader,
-    DigestError,
-    Layer,
-    Manifest,
-    RegistryClient,
-    RegistryOptions,
-)
+from ._client import BlobReader, RegistryClient, RegistryOptions
+from ._manifest import ANNOTATION_TITLE, Artifact, DigestError, Layer, Manifest
 from ._push import (
     ARTIFACT_TYPE,
     CONFIG_TYPE,

@@ -28,7 +28,8 @@ from typing import Any
 
 from modelcache.transfer import FatalError, TransferOptions
 
-from ._client import ANNOTATION_TITLE, OCI_MANIFEST, DigestError, RegistryClient
+from ._client import RegistryClient
+from ._manifest import ANNOTATION_TITLE, OCI_MANIFEST, DigestError
 from ._reference import Reference, parse_reference
 
 __all__ = [
