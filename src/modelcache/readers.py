@@ -25,12 +25,20 @@ from ._version import __version__
 from .sources import Source, redact
 from .transfer import FatalError, RangeStream, Reader, TransferOptions, TransientError
 
-__all__ = ["FsspecReader", "HTTPReader", "open_reader"]
+__all__ = [
+    "FsspecReader",
+    "HTTPReader",
+    "discard",
+    "open_reader",
+    "pool_for",
+    "send",
+    "status_error",
+]
 
 _RETRY_STATUS = {408, 425, 429}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
-_pools: dict[tuple[str | None, float, float, int], Any] = {}
+_pools: dict[tuple[str | None, float, float, int, str | None], Any] = {}
 _pools_lock = threading.Lock()
 
 
@@ -84,12 +92,20 @@ def _install_log_filter() -> None:
         logger.addFilter(_RedactingFilter())
 
 
-def _pool(proxy: str | None, options: TransferOptions) -> Any:
+def pool_for(url: str, options: TransferOptions, ca_certs: str | None = None) -> Any:
+    """The process's shared urllib3 pool for ``url``: the environment's proxy, keep-alive.
+
+    ``ca_certs``: a CA bundle to trust instead of the system's (a private registry's CA).
+    """
+    return _pool(_proxy_for(url), options, ca_certs)
+
+
+def _pool(proxy: str | None, options: TransferOptions, ca_certs: str | None = None) -> Any:
     import urllib3
 
     _install_log_filter()
 
-    key = (proxy, options.connect_timeout, options.stall_timeout, options.connections)
+    key = (proxy, options.connect_timeout, options.stall_timeout, options.connections, ca_certs)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
@@ -110,6 +126,8 @@ def _pool(proxy: str | None, options: TransferOptions) -> Any:
                 "retries": retries,
                 "block": False,
             }
+            if ca_certs is not None:
+                kwargs["ca_certs"] = ca_certs
             pool = urllib3.ProxyManager(proxy, **kwargs) if proxy else urllib3.PoolManager(**kwargs)
             _pools[key] = pool
         return pool
@@ -125,7 +143,9 @@ def _proxy_for(url: str) -> str | None:
 class HTTPReader(Reader):
     """Ranged GETs with keep-alive connections shared by the process's worker threads."""
 
-    def __init__(self, source: Source, options: TransferOptions) -> None:
+    def __init__(
+        self, source: Source, options: TransferOptions, *, ca_certs: str | None = None
+    ) -> None:
         parts = urlsplit(source.url)
         self._source = source
         self._headers: dict[str, str] = {
@@ -144,34 +164,18 @@ class HTTPReader(Reader):
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             self._headers.setdefault("Authorization", f"Basic {token}")
         self._url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-        self._pool = _pool(_proxy_for(self._url), options)
+        self._pool = pool_for(self._url, options, ca_certs)
         self._piece = options.piece_size
         #: the headers of the last response (stores read their metadata from them)
         self.last_headers: Mapping[str, str] = {}
 
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
-        import urllib3
-
         headers = dict(self._headers)
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
             if etag and not etag.startswith("W/"):
                 headers["If-Range"] = etag
-        try:
-            response = self._pool.request(
-                "GET", self._url, headers=headers, preload_content=False, decode_content=False
-            )
-        except urllib3.exceptions.SSLError as error:
-            raise FatalError(f"TLS error: {self._source.scrub(str(error))}") from None
-        except urllib3.exceptions.LocationValueError as error:
-            raise FatalError(f"bad URL: {self._source.scrub(str(error))}") from None
-        except urllib3.exceptions.MaxRetryError as error:
-            reason = error.reason if error.reason is not None else error
-            if isinstance(reason, urllib3.exceptions.SSLError):
-                raise FatalError(f"TLS error: {self._source.scrub(str(reason))}") from None
-            raise TransientError(self._describe(reason)) from None
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise TransientError(self._describe(error)) from None
+        response = send(self._pool, "GET", self._url, headers=headers, scrub=self._source.scrub)
         return self._stream(response, start)
 
     def _describe(self, error: BaseException) -> str:
@@ -185,7 +189,7 @@ class HTTPReader(Reader):
         if status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
             if not match:
-                _discard(response)
+                discard(response)
                 raise FatalError("the origin sent a partial answer without a Content-Range")
             size = None if match.group(3) == "*" else int(match.group(3))
             return RangeStream(
@@ -194,7 +198,7 @@ class HTTPReader(Reader):
                 size,
                 etag,
                 True,
-                close=lambda: _discard(response),
+                close=lambda: discard(response),
                 readinto=self._readinto(response),
             )
         if status == 200:
@@ -206,24 +210,17 @@ class HTTPReader(Reader):
                 size,
                 etag,
                 False,
-                close=lambda: _discard(response),
+                close=lambda: discard(response),
                 readinto=self._readinto(response),
             )
         if status == 416:
             match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
-            _discard(response)
+            discard(response)
             if match and int(match.group(1)) == start:
                 return RangeStream(iter(()), start, start, etag, True)
             raise TransientError("HTTP 416: the requested range is past the file's end")
-        retry_after = _retry_after(response.headers.get("Retry-After"))
-        _discard(response)
-        if status in _RETRY_STATUS or status >= 500:
-            raise TransientError(f"HTTP {status}", retry_after)
-        if status in (401, 403):
-            raise FatalError(f"refused (HTTP {status}): check the credentials", status)
-        if status in (404, 410):
-            raise FatalError(f"not found (HTTP {status})", status)
-        raise FatalError(f"unexpected HTTP {status}", status)
+        discard(response)
+        raise status_error(status, response.headers)
 
     def _pieces(self, response: Any) -> Iterator[bytes]:
         import urllib3
@@ -264,7 +261,57 @@ class HTTPReader(Reader):
         return readinto
 
 
-def _discard(response: Any) -> None:
+def send(
+    pool: Any,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: bytes | None = None,
+    stream: bool = True,
+    scrub: Callable[[str], str] = redact,
+) -> Any:
+    """One request through ``pool``; urllib3's failures sorted into fatal and transient.
+
+    ``stream``: leave the body unread (release it with :func:`discard`). Redirects are
+    followed; urllib3 drops ``Authorization`` when one leads to another host.
+    """
+    import urllib3
+
+    try:
+        return pool.request(
+            method,
+            url,
+            headers=dict(headers),
+            body=body,
+            preload_content=not stream,
+            decode_content=False,
+        )
+    except urllib3.exceptions.SSLError as error:
+        raise FatalError(f"TLS error: {scrub(str(error))}") from None
+    except urllib3.exceptions.LocationValueError as error:
+        raise FatalError(f"bad URL: {scrub(str(error))}") from None
+    except urllib3.exceptions.MaxRetryError as error:
+        reason = error.reason if error.reason is not None else error
+        if isinstance(reason, urllib3.exceptions.SSLError):
+            raise FatalError(f"TLS error: {scrub(str(reason))}") from None
+        raise TransientError(scrub(f"{type(reason).__name__}: {reason}")) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise TransientError(scrub(f"{type(error).__name__}: {error}")) from None
+
+
+def status_error(status: int, headers: Mapping[str, str]) -> TransientError | FatalError:
+    """The error an HTTP status means: 408/425/429/5xx are retried, the rest are not."""
+    if status in _RETRY_STATUS or status >= 500:
+        return TransientError(f"HTTP {status}", _retry_after(headers.get("Retry-After")))
+    if status in (401, 403):
+        return FatalError(f"refused (HTTP {status}): check the credentials", status)
+    if status in (404, 410):
+        return FatalError(f"not found (HTTP {status})", status)
+    return FatalError(f"unexpected HTTP {status}", status)
+
+
+def discard(response: Any) -> None:
     """Give the connection back when the body was read, else close it (never drain gigabytes)."""
     try:
         if not response.isclosed() and response.length_remaining:

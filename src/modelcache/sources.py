@@ -180,7 +180,7 @@ def _options_for(protocol: str, storage_options: Mapping[str, Any]) -> dict[str,
     """Options for one protocol: keyed by protocol (``{"s3": {...}}``) or flat for all."""
     aliases = {protocol, {"gs": "gcs", "https": "http", "http": "https"}.get(protocol, protocol)}
     nested = [k for k, v in storage_options.items() if isinstance(v, Mapping)]
-    known = {"s3", "gs", "gcs", "http", "https", "hf", "file", "az", "abfs"}
+    known = {"s3", "gs", "gcs", "http", "https", "hf", "oci", "file", "az", "abfs"}
     if nested and set(nested) <= known:
         merged: dict[str, Any] = {}
         for name in nested:

@@ -45,6 +45,7 @@ class _Fault:
     status: int | None = None
     cut_after: int | None = None
     delay: float = 0.0
+    location: Callable[[str], str] | None = None
 
 
 class FaultProxy:
@@ -57,6 +58,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
         """``(method, path)`` of every request received, in order."""
+        self.headers: list[dict[str, str]] = []
+        """The headers of each of those requests."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._server.block_on_close = False
@@ -95,20 +98,27 @@ class FaultProxy:
         with self._lock:
             self._faults.append(_Fault(match, times, cut_after=after))
 
+    def redirect(self, location: Callable[[str], str], times: int = 1, match: Match = _any) -> None:
+        """Answer the next matching requests with ``307`` to ``location(path)``."""
+        with self._lock:
+            self._faults.append(_Fault(match, times, location=location))
+
     def clear(self) -> None:
         """Disarm every fault and forget the requests seen."""
         with self._lock:
             self._faults.clear()
             self.requests.clear()
+            self.headers.clear()
 
     def count(self, match: Match) -> int:
         """How many requests received so far match."""
         with self._lock:
             return sum(1 for method, path in self.requests if match(method, path))
 
-    def _take(self, method: str, path: str) -> _Fault | None:
+    def _take(self, method: str, path: str, headers: dict[str, str]) -> _Fault | None:
         with self._lock:
             self.requests.append((method, path))
+            self.headers.append(headers)
             for fault in self._faults:
                 if fault.times > 0 and fault.match(method, path):
                     fault.times -= 1
@@ -141,6 +151,9 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def do_DELETE(self) -> None:
             self._forward()
 
+        def do_PATCH(self) -> None:
+            self._forward()
+
         def _body(self) -> bytes | None:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 data = bytearray()
@@ -157,7 +170,13 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _forward(self) -> None:
             body = self._body()
-            fault = proxy._take(self.command, self.path)
+            fault = proxy._take(self.command, self.path, dict(self.headers.items()))
+            if fault is not None and fault.location is not None:
+                self.send_response(307)
+                self.send_header("Location", fault.location(self.path))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if fault is not None and fault.status is not None:
                 time.sleep(fault.delay)
                 payload = _error_body(fault.status)
