@@ -13,10 +13,14 @@ The hierarchy::
 
 Every error carries the model name and the redacted source it is about, puts both in its
 message, and pickles (errors from background threads and worker processes cross boundaries).
+A handle attaches them once, where it calls the cache and the loader (:func:`in_context`);
+``status()`` and log lines show a very long message cut short (:func:`shorten`) while the
+exception keeps the whole text.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -130,8 +134,50 @@ class InsufficientSpaceError(ModelCacheError, OSError):
 
 
 class LoadError(ModelCacheError):
-    """The loader or the quantization failed; the cause is chained."""
+    """The loader, the quantization or the warmup failed (or anything else unexpected while a
+    handle fetched and loaded); the cause is chained."""
 
 
 class NotReadyError(ModelCacheError, TimeoutError):
     """The model did not become READY within the timeout."""
+
+
+SHOWN_CHARACTERS = 2000
+"""How much of an error message ``status()`` and log lines show (see :func:`shorten`)."""
+
+
+def shorten(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text`` cut to ``limit`` characters plus a note of how many more there were.
+
+    For ``status()`` and log lines: a state-dict mismatch names every key (hundreds of KB for a
+    large model), which would fill a log or a ``/ready`` body. The exception keeps the full text.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def in_context(
+    error: BaseException,
+    *,
+    model: str,
+    source: str,
+    doing: str,
+    scrub: Callable[[str], str] = str,
+) -> ModelCacheError:
+    """``error`` as a modelcache error naming ``model`` and ``source``: the one place a handle
+    attaches them, where it calls the cache and the loader.
+
+    A modelcache error that names its source (the cache's own) gains the model it lacks and is
+    returned itself. Anything else becomes a :class:`LoadError` ``"<doing> failed: <Type>:
+    <message>"`` (the message passed through ``scrub``, which masks credentials) whose
+    ``__cause__`` is ``error``.
+    """
+    if isinstance(error, ModelCacheError) and error.source:
+        return error.with_model(model)
+    reason = error.reason if isinstance(error, ModelCacheError) else str(error)
+    wrapped = LoadError(
+        f"{doing} failed: {type(error).__name__}: {scrub(reason)}", model=model, source=source
+    )
+    wrapped.__cause__ = error
+    return wrapped

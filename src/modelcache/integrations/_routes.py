@@ -6,6 +6,7 @@ integrations answer byte for byte the same JSON.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ class Reply:
     """One HTTP answer: status code, JSON body and extra headers."""
 
     status_code: int
-    body: dict[str, Any]
+    body: Mapping[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
 
 
