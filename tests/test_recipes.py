@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -325,6 +327,134 @@ def test_sharp_fills_ml_sharps_predictor_when_importable(
         name="sharp-dict", source=url, loader=recipes.sharp_loader(predictor=False)
     )
     assert isinstance(as_dict.get(), dict)
+
+
+def install_stand_in(
+    root: Path, monkeypatch: pytest.MonkeyPatch, shapes: dict[str, list[int]] | None = None,
+    init: str | None = None,
+) -> None:  # fmt: skip
+    """Put a ``sharp.models`` on ``sys.path``: the STAND_IN predictor of ``shapes``, or a
+    package whose ``__init__`` is ``init`` (one that fails to import, like ml-sharp does when
+    its dependencies are broken)."""
+    import json
+
+    models = root / "sharp" / "models"
+    models.mkdir(parents=True)
+    (root / "sharp" / "__init__.py").write_text("")
+    body = init if init is not None else f"SHAPES = {json.dumps(json.dumps(shapes))}\n{STAND_IN}"
+    (models / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(root))
+
+
+def checkpoint_shapes(path: Path, grow: int = 0) -> dict[str, list[int]]:
+    state = torch.load(path, weights_only=True)
+    return {key: [n + grow for n in t.shape] for key, t in state.items()}
+
+
+def test_sharp_falls_back_to_the_state_dict_when_building_the_predictor_fails(
+    fake_weights: FakeWeights,
+    model_server: ModelServer,
+    modelcache_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_sharp_package: None,
+) -> None:
+    path = fake_weights("sharp")
+    install_stand_in(tmp_path, monkeypatch, checkpoint_shapes(path))
+    import sharp.models  # the stand-in
+
+    def broken_builder(params: object) -> object:  # what a CPU torch beside PyPI's CUDA
+        raise RuntimeError("operator torchvision::nms does not exist")  # torchvision raises
+
+    monkeypatch.setattr(sharp.models, "create_predictor", broken_builder)
+    url, _ = serve(model_server, path)
+    caplog.set_level(logging.WARNING, logger="modelcache")
+    state = recipes.sharp(source=url).get()
+
+    original = torch.load(path, weights_only=True)
+    assert isinstance(state, dict)
+    assert list(state) == list(original)
+    assert all(torch.equal(state[k], original[k]) for k in original)
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "could not be built (RuntimeError: operator torchvision::nms does not exist)" in (
+        warning.getMessage()
+    )
+    assert "loading the state dict instead" in warning.getMessage()
+
+    required = recipes.sharp(
+        name="sharp-required", source=url, loader=recipes.sharp_loader(predictor=True)
+    )
+    with pytest.raises(LoadError, match=r"predictor could not be built.*torchvision::nms") as info:
+        required.get()
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("init", "why"),
+    [
+        ('raise RuntimeError("operator torchvision::nms does not exist")\n', "torchvision::nms"),
+        ("import timm_that_is_not_installed\n", "No module named 'timm_that_is_not_installed'"),
+        ("", "cannot import name 'PredictorParams'"),
+    ],
+    ids=["runtime-error", "missing-dependency", "other-version"],
+)
+def test_sharp_falls_back_when_ml_sharp_is_installed_but_does_not_import(
+    init: str,
+    why: str,
+    fake_weights: FakeWeights,
+    model_server: ModelServer,
+    modelcache_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_sharp_package: None,
+) -> None:
+    install_stand_in(tmp_path, monkeypatch, init=init)
+    url, _ = serve(model_server, fake_weights("sharp"))
+    caplog.set_level(logging.WARNING, logger="modelcache")
+    assert len(recipes.sharp(source=url).get()) == 1038
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "predictor cannot be imported" in warning.getMessage()
+    assert why in warning.getMessage()
+
+
+def test_a_checkpoint_that_does_not_fit_the_predictor_is_an_error_shown_cut_short(
+    fake_weights: FakeWeights,
+    model_server: ModelServer,
+    modelcache_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_sharp_package: None,
+) -> None:
+    """Another ml-sharp version than the checkpoint's: every one of the 1038 tensors has
+    another shape, and torch's message names them all (214 KB, as on the real model)."""
+    path = fake_weights("sharp")
+    install_stand_in(tmp_path, monkeypatch, checkpoint_shapes(path, grow=1))
+    url, _ = serve(model_server, path)
+    handle = recipes.sharp(source=url)
+    caplog.set_level(logging.INFO, logger="modelcache")
+    with pytest.raises(LoadError) as info:
+        handle.get()
+
+    full = str(info.value)  # the exception keeps every word
+    assert len(full) > 200_000
+    assert full.count("size mismatch for ") == 1038
+    assert "feature_model.decoder.convs.0.weight" in full
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert str(info.value.__cause__) in full
+
+    status = handle.status()
+    shown = status["error"]
+    assert shown is not None
+    text = f"LoadError: {full}"
+    assert shown == f"{text[:2000]}... ({len(text) - 2000} more characters)"
+    assert len(json.dumps(status)) < 4000  # a /ready body, not 214 KB
+    (failed,) = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) < 2100
+    assert failed.endswith(f"({len(full) - 2000} more characters)")
+    assert "size mismatch for feature_model.decoder.convs.0.weight" in failed
 
 
 def test_recipe_handles_are_model_handles() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .errors import shorten
 from .handle import ModelHandle
 
 __all__ = [
@@ -261,42 +262,70 @@ def sharp_loader(*, device: str = "cpu", predictor: bool | None = None) -> Loade
 
     ``predictor=None`` (default): ml-sharp's ``RGBGaussianPredictor`` in eval mode when
     ``sharp.models.create_predictor`` is importable, else the state dict (memory-mapped,
-    ``weights_only=True``). ``True`` requires ml-sharp; ``False`` always returns the state dict.
-    The predictor's parameters are created on the meta device and adopt the mapped tensors
-    (:func:`adopt`), so the 2.8 GB of weights are not held twice.
+    ``weights_only=True``). If ml-sharp is installed but its predictor cannot be built, for any
+    reason (a dependency that fails to import: PyPI's CUDA torchvision beside a CPU torch raises
+    ``RuntimeError``), a warning says why and the state dict is returned. ``True`` requires the
+    predictor; ``False`` always returns the state dict. The predictor's parameters are created
+    on the meta device and adopt the mapped tensors (:func:`adopt`), so the 2.8 GB of weights
+    are not held twice; a checkpoint that does not fit the predictor is an error.
     """
 
     def load(path: Path) -> Any:
         from .loaders import load_torch
 
-        factory = _sharp_factory() if predictor is not False else None
-        if factory is None:
+        if predictor is False:
+            return load_torch(Path(path), device)
+        try:
+            factory = _sharp_factory()
+            if factory is not None:
+                state = load_torch(Path(path), "cpu")
+                return adopt(factory, state).eval().to(device)
             if predictor:
                 raise ImportError(
                     "ml-sharp's 'sharp' package is not importable; install it from "
                     "https://github.com/apple/ml-sharp (pip install -e .) to get the predictor"
                 )
-            return load_torch(Path(path), device)
-        state = load_torch(Path(path), "cpu")
-        return adopt(factory, state).eval().to(device)
+        except _PredictorUnavailable as error:
+            if predictor:
+                raise RuntimeError(f"ml-sharp's predictor {error}") from error.__cause__
+            why = shorten(str(error))
+            log.warning("sharp: ml-sharp's predictor %s; loading the state dict instead", why)
+        return load_torch(Path(path), device)
 
     return load
 
 
+class _PredictorUnavailable(Exception):
+    """ml-sharp is installed but its predictor could not be built; the cause is chained."""
+
+
 def _sharp_factory() -> Callable[[], Any] | None:
-    """``create_predictor(PredictorParams())`` of apple/ml-sharp, or ``None`` if not importable.
+    """``create_predictor(PredictorParams())`` of apple/ml-sharp, or ``None`` if not installed.
 
     PyPI's unrelated ``sharp`` (a libsharp wrapper) has no ``sharp.models``: it counts as absent.
+    Any other failure to import it, and any failure of the (third-party) constructor, raises
+    :class:`_PredictorUnavailable` saying why.
     """
     try:
         from sharp.models import PredictorParams, create_predictor
-    except ImportError:
-        return None
+    except ModuleNotFoundError as error:
+        if error.name in ("sharp", "sharp.models"):
+            return None
+        raise _PredictorUnavailable(f"cannot be imported ({_why(error)})") from error
+    except Exception as error:
+        raise _PredictorUnavailable(f"cannot be imported ({_why(error)})") from error
 
     def factory() -> Any:
-        return create_predictor(PredictorParams())
+        try:
+            return create_predictor(PredictorParams())
+        except Exception as error:
+            raise _PredictorUnavailable(f"could not be built ({_why(error)})") from error
 
     return factory
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def adopt(
@@ -318,7 +347,8 @@ def adopt(
         with _ParametersOnMeta():
             module = factory()
     except Exception as error:  # an operation that cannot mix meta and real tensors
-        log.debug("building with parameters on meta failed (%s); building normally", error)
+        why = shorten(str(error))
+        log.debug("building with parameters on meta failed (%s); building normally", why)
     else:
         module.load_state_dict(state, strict=strict, assign=True)
         if fix is not None:
