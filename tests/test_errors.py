@@ -20,6 +20,8 @@ from modelcache import (
     NotReadyError,
     SourceError,
 )
+from modelcache.errors import in_context, shorten
+from modelcache.sources import Source
 from modelcache.testing import ModelServer
 
 ALL = [
@@ -84,6 +86,44 @@ def test_with_model_names_the_model_once() -> None:
     error.with_model("other")
     assert "other" not in str(error)
     assert "sharp" in str(pickle.loads(pickle.dumps(error)))
+
+
+def test_shorten_keeps_short_text_and_says_how_much_it_cut() -> None:
+    assert shorten("x" * 2000) == "x" * 2000
+    assert shorten("ab" * 1500) == "ab" * 1000 + "... (1000 more characters)"
+    assert shorten("abcdef", limit=2) == "ab... (4 more characters)"
+
+
+def test_in_context_names_model_and_source_once() -> None:
+    cache_error = SourceError("not found (HTTP 404)", source="https://host/m.pt", status=404)
+    assert in_context(cache_error, model="m", source="ignored", doing="fetch") is cache_error
+    assert (cache_error.model, cache_error.source) == ("m", "https://host/m.pt")
+    assert str(cache_error) == "model 'm', source https://host/m.pt: not found (HTTP 404)"
+    in_context(cache_error, model="other", source="x", doing="fetch")
+    assert cache_error.model == "m"  # named once: a second boundary changes nothing
+
+
+def test_in_context_turns_anything_else_into_a_picklable_load_error() -> None:
+    source = Source.parse("https://alice:s3cr3t@host/m.pt?token=t0k3n")
+    failure = KeyError(f"layers.0.weight missing in {source.url}")
+    error = in_context(
+        failure, model="m", source=source.redacted, doing="loading m.pt", scrub=source.scrub
+    )
+    assert type(error) is LoadError
+    assert error.__cause__ is failure
+    assert (error.model, error.source) == ("m", source.redacted)
+    assert str(error).startswith(f"model 'm', source {source.redacted}: loading m.pt failed: ")
+    assert "KeyError: " in str(error)
+    assert "layers.0.weight" in str(error)
+    for secret in ("alice", "s3cr3t", "t0k3n"):
+        assert secret not in str(error)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), str(copy)) == (LoadError, str(error))
+
+    unnamed = LoadError("quantize needs a module")  # a modelcache error that names no source
+    wrapped = in_context(unnamed, model="m", source="https://host/m.pt", doing="int8 quantization")
+    assert wrapped is not unnamed
+    assert wrapped.reason == "int8 quantization failed: LoadError: quantize needs a module"
 
 
 def test_errors_are_importable_from_one_place() -> None:

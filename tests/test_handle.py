@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from modelcache import (
     State,
     Strategy,
 )
+from modelcache.handle import HandleStatus, ReloadStatus, Timings
 from modelcache.testing import ModelServer
 
 KiB = 1 << 10
@@ -463,6 +465,87 @@ def test_status_shows_live_progress_without_credentials(
     assert "SourceError" in text
     for secret in ("s3cr3tpw", "t0k3nvalue", "abcdef123456"):
         assert secret not in text
+
+
+def test_status_is_its_typed_dict(model_server: ModelServer, cache: Cache) -> None:
+    h = handle("m", model_server.add("m.bin", b"v1"), cache)
+    keys = HandleStatus.__required_keys__
+    assert set(h.status()) == keys  # before, while and after loading
+    h.get()
+    h.reload()
+    wait_for(lambda: h.status()["reload"]["state"] == "ready", 10, "reload")
+    status = h.status()
+    assert set(status) == keys
+    assert set(status["timings"]) == Timings.__required_keys__
+    assert set(status["reload"]) == ReloadStatus.__required_keys__
+    assert HandleStatus.__optional_keys__ == {"quantization"}  # set once int8 loaded
+
+
+def mismatching_loader(path: Path) -> Any:
+    """Load a checkpoint into a module whose every parameter has another shape: torch's
+    error names each of the tensors (214 KB for Sharp's 1038)."""
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    module = torch.nn.Module()
+    for key, tensor in state.items():
+        owner = module
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        grown = torch.empty([n + 1 for n in tensor.shape])
+        owner.register_parameter(leaf, torch.nn.Parameter(grown))
+    module.load_state_dict(state)
+    return module
+
+
+def test_a_long_error_is_cut_short_in_status_and_logs_but_whole_on_the_exception(
+    model_server: ModelServer,
+    cache: Cache,
+    fake_weights: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = model_server.add("sharp.pt", fake_weights("sharp"))
+    h = handle("m", url, cache, loader=mismatching_loader)
+    caplog.set_level(logging.INFO, logger="modelcache")
+    with pytest.raises(LoadError) as info:
+        h.get()
+    full = str(info.value)
+    assert len(full) > 200_000
+    assert full.count("size mismatch for ") == 1038
+    text = f"LoadError: {full}"
+    assert h.status()["error"] == f"{text[:2000]}... ({len(text) - 2000} more characters)"
+    logged = [r.getMessage() for r in caplog.records if r.name == "modelcache"]
+    assert logged
+    assert max(len(line) for line in logged) < 2100
+    assert any(line.endswith(f"({len(full) - 2000} more characters)") for line in logged)
+
+    h.loader = CountingLoader()  # serving, then a reload that fails the same way
+    h.begin_loading()
+    assert h.get(timeout=30)["call"] == 1
+    caplog.clear()
+    h.loader = mismatching_loader
+    h.reload()
+    wait_for(lambda: h.status()["reload"]["state"] == "failed", 30, "the reload to fail")
+    status = h.status()
+    assert status["state"] == "ready"
+    reload_error = status["reload"]["error"]
+    assert reload_error is not None
+    assert reload_error.startswith("model 'm', source ")
+    assert reload_error.endswith(" more characters)")
+    assert len(reload_error) < 2100
+    assert status["error"] == f"reload failed: {reload_error}"
+    assert len(json.dumps(status)) < 6000
+
+    def reload_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
+
+    wait_for(lambda: bool(reload_warnings()), 10, "the reload's warning (logged after)")
+    (warning,) = reload_warnings()
+    assert len(warning) < 2200
+    assert warning.endswith(" more characters)")
 
 
 # -- unload, idle -------------------------------------------------------------------------------

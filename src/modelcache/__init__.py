@@ -7,8 +7,6 @@ Fast, safely, and once: verified, resumable, locked downloads into a shared cach
 a model loads, a cloud source is read or an integration module is imported.
 """
 
-from __future__ import annotations
-
 from ._version import __version__
 from .cache import Cache, Entry
 from .errors import (

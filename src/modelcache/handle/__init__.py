@@ -19,8 +19,6 @@ load, quantize, warm up), ``_reload``, ``_status``, ``_state`` (the enums), ``_h
 cached files this process serves) and ``_memory``.
 """
 
-from __future__ import annotations
-
 from ._handle import ModelHandle
 from ._state import State, Strategy
 from ._status import HandleStatus, ReloadStatus, Timings
