@@ -7,12 +7,14 @@ and real threads, event loops and processes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -608,6 +610,38 @@ def test_unload_really_frees_memory(fake_weights: Callable[..., Path], cache: Ca
     assert m["loaded"] - m["after"] > 0.8 * size, numbers
     assert m["freed"] > 0.8 * size, numbers
     assert m["again"]  # loads again
+
+
+class Model:
+    """A model object a weak reference can follow."""
+
+
+def reload_is(h: ModelHandle, state: str) -> Callable[[], bool]:
+    return lambda: (h.status()["reload"] or {}).get("state") == state
+
+
+def test_a_dropped_handle_frees_its_model_at_once(model_server: ModelServer, cache: Cache) -> None:
+    """No reference cycle keeps a handle (and the model it serves) alive for the cyclic
+    garbage collector to find some time later: dropping the last reference frees both."""
+    url = model_server.add("m.bin", b"v1")
+    h = ModelHandle("m", source=url, cache=cache, loader=lambda path: Model())
+    first = weakref.ref(h.get())
+    h.reload()
+    wait_for(reload_is(h, "ready"), 10, "reload")
+    assert first() is None  # the version replaced is gone
+    model, handle_ref = weakref.ref(h.get()), weakref.ref(h)
+    wait_for(
+        lambda: not any(t.name.startswith("modelcache-") for t in threading.enumerate()),
+        10,
+        "the handle's threads to end",
+    )
+    gc.disable()
+    try:
+        del h
+        assert handle_ref() is None
+        assert model() is None
+    finally:
+        gc.enable()
 
 
 def test_idle_unload(model_server: ModelServer, cache: Cache) -> None:

@@ -8,7 +8,7 @@ The hierarchy::
     ├── NotCachedError         offline (or nothing cached) and the entry is missing
     ├── LockTimeoutError       another writer held the lock without progress (a TimeoutError)
     ├── InsufficientSpaceError the cache's disk cannot hold the download
-    ├── LoadError              the loader or quantization failed (cause chained)
+    ├── LoadError              the loader, quantization or warmup failed (cause chained)
     └── NotReadyError          get() timed out before READY (TimeoutError too)
 
 Every error carries the model name and the redacted source it is about, puts both in its

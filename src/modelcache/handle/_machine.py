@@ -17,15 +17,18 @@ import copy
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from modelcache.cache import Cache
 from modelcache.errors import LoadError, ModelCacheError, NotReadyError, shorten
 from modelcache.sources import Source
 
 from . import _holds
 from ._attempt import Attempt
+from ._idle import IdleWatch
 from ._memory import free_memory, human, rss
 from ._pipeline import Loaded, LoadRun, Options
 from ._reload import ReloadJob
@@ -58,7 +61,8 @@ class StateMachine:
         sha256: str | None,
         storage_options: Mapping[str, Any] | None,
     ) -> None:
-        self._host = host
+        self._host_ref = weakref.ref(host)  # the handle owns this machine: no cycle
+        self._name = host.name
         self._storage_options = storage_options
         self.lock = threading.RLock()
         self.sources, self.sha256 = sources, sha256
@@ -67,7 +71,7 @@ class StateMachine:
         self.failed_at = 0.0
         self.progress = Progress()
         self.model: Any = None
-        self.path: Path | None = None  # the cached file of the version served
+        self._held: tuple[Cache, Path] | None = None  # the cached file of the version served
         self.loaded_sha256: str | None = None
         self.served_from: str | None = None  # the mirror the version served came from
         self.quantization: dict[str, Any] | None = None
@@ -77,11 +81,20 @@ class StateMachine:
         self.reload_job: ReloadJob | None = None
         self.closed = threading.Event()
         self._attempt: Attempt | None = None
-        self._idle_thread: threading.Thread | None = None
+        self._idle = IdleWatch(host.name, self.closed)
 
     @property
-    def _name(self) -> str:
-        return self._host.name
+    def path(self) -> Path | None:
+        """The cached file (or directory) of the version served."""
+        return self._held[1] if self._held else None
+
+    @property
+    def _host(self) -> Host:
+        """The handle. Every caller holds it: a method of it called, or a thread of this
+        machine, which gets the handle as an argument and keeps it while it runs."""
+        host = self._host_ref()
+        assert host is not None
+        return host
 
     def scrub(self, text: str, sources: Sequence[Source] = ()) -> str:
         """``text`` with every source's credentials masked."""
@@ -161,7 +174,7 @@ class StateMachine:
             self.state, self.error, self.progress = State.FETCHING, None, Progress()
             attempt.thread = threading.Thread(
                 target=self._work,
-                args=(attempt,),
+                args=(attempt, self._host),
                 name=f"modelcache-load-{self._name}",
                 daemon=True,
             )
@@ -179,8 +192,11 @@ class StateMachine:
         """A run of the load pipeline for this handle (``options``: see :class:`LoadRun`)."""
         return LoadRun(self._host, sources, sha256, self._storage_options, **options)
 
-    def _work(self, attempt: Attempt) -> None:
-        """The worker thread of one attempt: fetch, load, quantize, warm up; READY or FAILED."""
+    def _work(self, attempt: Attempt, host: Host) -> None:
+        """The worker thread of one attempt: fetch, load, quantize, warm up; READY or FAILED.
+
+        It holds the handle (``host``) while it runs, as a reload's thread does through its run.
+        """
         with self.lock:
             sources, sha256 = self.sources, self.sha256
 
@@ -188,7 +204,9 @@ class StateMachine:
             if self._attempt is attempt:
                 self.progress.update(done, total)
 
-        run = self.new_run(sources, sha256, progress=progress, cancel=attempt.cancel)
+        run = LoadRun(
+            host, sources, sha256, self._storage_options, progress=progress, cancel=attempt.cancel
+        )
         loaded: Loaded | None = None
         error: ModelCacheError | None = None
         try:
@@ -209,7 +227,7 @@ class StateMachine:
             )
             raise
         finally:
-            self._finish(attempt, loaded, run.timings, error)
+            self._finish(attempt, loaded, run.timings, error, host.idle_unload)
 
     def _finish(
         self,
@@ -217,6 +235,7 @@ class StateMachine:
         loaded: Loaded | None,
         timings: Timings,
         error: ModelCacheError | None,
+        idle_unload: float | None,
     ) -> None:
         with self.lock:
             if self._attempt is not attempt:
@@ -240,21 +259,26 @@ class StateMachine:
                 else:
                     log.warning("model %s failed: %s", self._name, shown)
             attempt.end()
-        if loaded is not None and self._host.idle_unload:
-            self._start_idle_watch()
+        if loaded is not None and idle_unload:
+            with self.lock:
+                self._idle.start(
+                    idle_unload,
+                    lambda: self.state is State.READY,
+                    lambda idle_for: self.unload(idle_for=idle_for),
+                )
 
-    def _install(self, loaded: Loaded) -> tuple[Any, Path | None]:
-        """Serve ``loaded`` (lock held); returns the model and the cached path it replaces."""
+    def _install(self, loaded: Loaded) -> tuple[Any, tuple[Cache, Path] | None]:
+        """Serve ``loaded`` (lock held); returns the model and the cached file it replaces."""
         fetched = loaded.fetched
         old_model, self.model = self.model, loaded.model
-        old_path, self.path = self.path, fetched.path
-        if old_path != fetched.path:
+        old_held, self._held = self._held, (loaded.cache, fetched.path)
+        if old_held is None or old_held[1] != fetched.path:
             _holds.hold(fetched.path)
         self.loaded_sha256, self.served_from = fetched.sha256, fetched.source
         self.quantization = loaded.quantization
         self.progress = Progress()
         self.progress.fetched(fetched.size, fetched.cache_hit, loaded.timings)
-        return old_model, old_path
+        return old_model, old_held
 
     # -- unloading ----------------------------------------------------------------------------
 
@@ -272,36 +296,19 @@ class StateMachine:
                 self.state = State.UNLOADED
             self.idle_unloaded = idle_for is not None
             self.error = None
-            path, self.path = self.path, None
+            held, self._held = self._held, None
         if model is not None:
             before = rss()
             del model
             self._freed(free_memory(before), "unloaded")
-        if path is not None:
-            _holds.let_go(self._host.cache, path)
+        if held is not None:
+            _holds.let_go(*held)
         return True
 
     def _freed(self, freed: int | None, what: str) -> None:
         with self.lock:
             self.bytes_freed = freed
         log.info("model %s %s (%s freed)", self._name, what, human(freed))
-
-    def _start_idle_watch(self) -> None:
-        with self.lock:
-            if self._idle_thread is None or not self._idle_thread.is_alive():
-                self._idle_thread = threading.Thread(
-                    target=self._idle_watch, name=f"modelcache-idle-{self._name}", daemon=True
-                )
-                self._idle_thread.start()
-
-    def _idle_watch(self) -> None:
-        """Unload once no ``get()`` came for ``idle_unload`` seconds; ends when not READY."""
-        idle_unload = self._host.idle_unload
-        assert idle_unload is not None
-        while not self.closed.wait(min(1.0, idle_unload / 4)) and self.state is State.READY:
-            if self.unload(idle_for=idle_unload):
-                log.info("model %s was idle for %.1fs: unloaded", self._name, idle_unload)
-                return
 
     # -- reload -------------------------------------------------------------------------------
 
@@ -334,15 +341,15 @@ class StateMachine:
             if job.cancel.is_set() or self.state is not State.READY or self.reload_job is not job:
                 job.end("cancelled")
                 return
-            old, old_path = self._install(loaded)
+            old, old_held = self._install(loaded)
             self.sources, self.sha256 = job.sources, job.sha256
             job.end("ready")
             before = rss()
         new_path = loaded.fetched.path
         del loaded, old
         self._freed(free_memory(before, collect=False), "reloaded")  # no pause for a full gc
-        if old_path is not None and old_path != new_path:
-            _holds.let_go(self._host.cache, old_path)
+        if old_held is not None and old_held[1] != new_path:
+            _holds.let_go(*old_held)
 
     # -- stopping -----------------------------------------------------------------------------
 
@@ -358,7 +365,7 @@ class StateMachine:
             threads = [
                 attempt.thread if attempt else None,
                 job.thread if job else None,
-                self._idle_thread,
+                self._idle.thread,
             ]
         return [t for t in threads if t is not None and t is not threading.current_thread()]
 

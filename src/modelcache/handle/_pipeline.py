@@ -44,10 +44,12 @@ class Options(Protocol):
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a run produced: the model, the cached file it came from, and how long it took."""
+    """What a run produced: the model, the cached file it came from (and the cache that holds
+    it), and how long it took."""
 
     model: Any
     fetched: Fetched
+    cache: Cache
     timings: Timings
     quantization: dict[str, Any] | None
 
@@ -114,7 +116,8 @@ class LoadRun:
         warmup = self._options.warmup
         if warmup is not None:
             self._timed("warmup_s", "warmup", warmup, model)
-        return Loaded(model, fetched, self.timings.copy(), quantization)
+        assert self._cache is not None
+        return Loaded(model, fetched, self._cache, self.timings.copy(), quantization)
 
     @contextlib.contextmanager
     def _step(self, doing: str) -> Iterator[None]:
