@@ -120,10 +120,11 @@ def test_in_context_turns_anything_else_into_a_picklable_load_error() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert (type(copy), str(copy)) == (LoadError, str(error))
 
-    unnamed = LoadError("quantize needs a module")  # a modelcache error that names no source
-    wrapped = in_context(unnamed, model="m", source="https://host/m.pt", doing="int8 quantization")
-    assert wrapped is not unnamed
-    assert wrapped.reason == "int8 quantization failed: LoadError: quantize needs a module"
+    unnamed = SourceError("refused", status=403)  # a lower layer's, naming neither yet
+    named = in_context(unnamed, model="m", source="https://host/m.pt", doing="fetch")
+    assert named is unnamed  # its class and reason stay: get() raises the fetch's own error
+    assert str(named) == "model 'm', source https://host/m.pt: refused"
+    assert str(pickle.loads(pickle.dumps(named))) == str(named)
 
 
 def test_errors_are_importable_from_one_place() -> None:

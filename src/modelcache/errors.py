@@ -168,16 +168,15 @@ def in_context(
     """``error`` as a modelcache error naming ``model`` and ``source``: the one place a handle
     attaches them, where it calls the cache and the loader.
 
-    A modelcache error that names its source (the cache's own) gains the model it lacks and is
-    returned itself. Anything else becomes a :class:`LoadError` ``"<doing> failed: <Type>:
-    <message>"`` (the message passed through ``scrub``, which masks credentials) whose
-    ``__cause__`` is ``error``.
+    A modelcache error keeps its class and message and gains the model and source it lacks
+    (:meth:`ModelCacheError.about`); it is returned itself. Anything else becomes a
+    :class:`LoadError` ``"<doing> failed: <Type>: <message>"`` (the message passed through
+    ``scrub``, which masks credentials) whose ``__cause__`` is ``error``.
     """
-    if isinstance(error, ModelCacheError) and error.source:
-        return error.with_model(model)
-    reason = error.reason if isinstance(error, ModelCacheError) else str(error)
+    if isinstance(error, ModelCacheError):
+        return error.about(model=model, source=source)
     wrapped = LoadError(
-        f"{doing} failed: {type(error).__name__}: {scrub(reason)}", model=model, source=source
+        f"{doing} failed: {type(error).__name__}: {scrub(str(error))}", model=model, source=source
     )
     wrapped.__cause__ = error
     return wrapped
