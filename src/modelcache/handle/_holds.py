@@ -25,13 +25,14 @@ def hold(path: Path) -> None:
         _counts[path] = _counts.get(path, 0) + 1
 
 
-def let_go(cache: Cache, path: Path) -> None:
-    """One handle no longer serves ``path``; the last one lets ``cache`` evict its entry again."""
+def let_go(cache: Cache, path: Path, key: str | None) -> None:
+    """One handle no longer serves ``path``; the last one lets ``cache`` evict its entry ``key``
+    again (``None``: a file used in place, which the cache does not own)."""
     with _lock:
         left = _counts.get(path, 0) - 1
         if left > 0:
             _counts[path] = left
             return
         _counts.pop(path, None)
-    if path.parent.parent == cache.path / "refs":
-        cache.release(path.parent.name)
+    if key is not None:
+        cache.release(key)

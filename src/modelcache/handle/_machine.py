@@ -71,7 +71,8 @@ class StateMachine:
         self.failed_at = 0.0
         self.progress = Progress()
         self.model: Any = None
-        self._held: tuple[Cache, Path] | None = None  # the cached file of the version served
+        # the cache, cached file and entry key of the version served
+        self._held: tuple[Cache, Path, str | None] | None = None
         self.loaded_sha256: str | None = None
         self.served_from: str | None = None  # the mirror the version served came from
         self.quantization: dict[str, Any] | None = None
@@ -267,11 +268,11 @@ class StateMachine:
                     lambda idle_for: self.unload(idle_for=idle_for),
                 )
 
-    def _install(self, loaded: Loaded) -> tuple[Any, tuple[Cache, Path] | None]:
+    def _install(self, loaded: Loaded) -> tuple[Any, tuple[Cache, Path, str | None] | None]:
         """Serve ``loaded`` (lock held); returns the model and the cached file it replaces."""
         fetched = loaded.fetched
         old_model, self.model = self.model, loaded.model
-        old_held, self._held = self._held, (loaded.cache, fetched.path)
+        old_held, self._held = self._held, (loaded.cache, fetched.path, fetched.key)
         if old_held is None or old_held[1] != fetched.path:
             _holds.hold(fetched.path)
         self.loaded_sha256, self.served_from = fetched.sha256, fetched.source
