@@ -15,11 +15,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from modelcache import Cache, TransferOptions
+
+if TYPE_CHECKING:
+    from servers.proxy import FaultProxy
+    from servers.registry import Registry
+
+ProxyOf = Callable[["Registry"], "FaultProxy"]
+"""``proxy_of(registry)``: the :func:`proxy_of` fixture's factory."""
 
 MiB = 1 << 20
 
@@ -191,3 +198,59 @@ def run_python_blocks(page: str, origin: str) -> dict[str, Any]:
         code = block.replace(EXAMPLE_HOST, origin)
         exec(compile(code, f"docs/{page}[block {n}]", "exec"), namespace)
     return namespace
+
+
+# -- OCI registries ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry without auth, plain http on 127.0.0.1 (one per test module)."""
+    from servers.registry import start_registry
+
+    registry = start_registry(tmp_path_factory.mktemp("registry-open"))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry with token auth: anonymous pull, ``USER``/``PASSWORD`` push."""
+    from servers.registry import start_registry
+
+    registry = start_registry(tmp_path_factory.mktemp("registry-token"), auth="token")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry with htpasswd (Basic) auth over TLS; ``ca_file`` is its CA."""
+    from servers.registry import start_registry
+
+    registry = start_registry(tmp_path_factory.mktemp("registry-basic"), auth="htpasswd")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credential of the developer's own Docker config is ever read."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+
+
+@pytest.fixture
+def proxy_of() -> Iterator[ProxyOf]:
+    """``proxy_of(registry)``: a counting, fault-injecting proxy in front of a registry."""
+    from servers.proxy import FaultProxy
+
+    proxies: list[FaultProxy] = []
+
+    def make(registry: Registry) -> FaultProxy:
+        proxy = FaultProxy(registry.url)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()

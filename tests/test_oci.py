@@ -13,13 +13,12 @@ import logging
 import os
 import stat
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FAST, MiB, make_payload
+from conftest import FAST, MiB, ProxyOf, make_payload
 from servers.proxy import FaultProxy
-from servers.registry import PASSWORD, USER, Registry, start_registry
+from servers.registry import PASSWORD, USER, Registry
 
 from modelcache._oci import (
     ANNOTATION_TITLE,
@@ -39,36 +38,6 @@ from modelcache.testing import ModelServer
 from modelcache.transfer import FatalError, TransferOptions, download
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """docker-registry without auth, plain http on 127.0.0.1."""
-    registry = start_registry(tmp_path_factory.mktemp("registry-open"))
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture(scope="module")
-def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """docker-registry with token auth: anonymous pull, ``USER``/``PASSWORD`` push."""
-    registry = start_registry(tmp_path_factory.mktemp("registry-token"), auth="token")
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture(scope="module")
-def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """docker-registry with htpasswd (Basic) auth over TLS; ``ca_file`` is its CA."""
-    registry = start_registry(tmp_path_factory.mktemp("registry-basic"), auth="htpasswd")
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No credential of the developer's own Docker config is ever read."""
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
 
 
 def _repo() -> str:
@@ -103,21 +72,6 @@ def _fetch(client: RegistryClient, reference: Reference, layer_title: str, part:
 
 def _blob_requests(proxy: FaultProxy, method: str) -> int:
     return proxy.count(lambda m, p: m == method and "/blobs/" in p)
-
-
-@pytest.fixture
-def proxy_of(request: pytest.FixtureRequest) -> Iterator[object]:
-    """``proxy_of(registry)``: a counting, fault-injecting proxy in front of a registry."""
-    proxies: list[FaultProxy] = []
-
-    def make(registry: Registry) -> FaultProxy:
-        proxy = FaultProxy(registry.url)
-        proxies.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in proxies:
-        proxy.close()
 
 
 # -- references ---------------------------------------------------------------------------------
@@ -231,7 +185,7 @@ def test_pushed_files_come_back_by_title_with_a_modelpack_manifest(
     for name, data in files.items():
         assert _fetch(client, reference, name, tmp_path / f"{uuid.uuid4().hex}.part") == data
     assert artifact.meta == {
-        "oci": {"tag": "v1", "digest": pushed.digest, "manifest": pushed.digest}
+        "oci": {"requested": "v1", "digest": pushed.digest, "manifest": pushed.digest}
     }
 
 
@@ -270,9 +224,9 @@ def test_one_file_artifact_is_a_file_and_selection_picks_layers(
 
 
 def test_a_tag_resolves_to_its_current_digest_and_a_pinned_one_needs_no_request(
-    open_registry: Registry, proxy_of: object, tmp_path: Path
+    open_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
-    proxy = proxy_of(open_registry)  # type: ignore[operator]
+    proxy = proxy_of(open_registry)
     client = _client(proxy.url[7:])
     repository = _repo()
     reference = _ref(proxy, repository, "prod")
@@ -389,10 +343,10 @@ def test_a_blob_range_is_served_from_an_offset(open_registry: Registry, tmp_path
 
 
 def test_a_cut_download_resumes_with_ranged_gets_and_is_verified(
-    open_registry: Registry, proxy_of: object, tmp_path: Path
+    open_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
     data = make_payload(6 * MiB, seed=4)
-    proxy = proxy_of(open_registry)  # type: ignore[operator]
+    proxy = proxy_of(open_registry)
     client = _client(proxy.url[7:])
     reference = _ref(proxy, _repo())
     push(client, reference, collect_files(_model(tmp_path / "m", {"w.bin": data})))
@@ -438,9 +392,9 @@ def test_a_blob_whose_bytes_changed_in_the_registry_does_not_pass(
 
 
 def test_transient_registry_errors_are_retried_and_permanent_ones_named(
-    open_registry: Registry, proxy_of: object, tmp_path: Path
+    open_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
-    proxy = proxy_of(open_registry)  # type: ignore[operator]
+    proxy = proxy_of(open_registry)
     client = _client(proxy.url[7:])
     reference = _ref(proxy, _repo())
     push(client, reference, collect_files(_model(tmp_path / "m", {"w.bin": b"weights"})))
@@ -460,10 +414,10 @@ def test_transient_registry_errors_are_retried_and_permanent_ones_named(
 
 
 def test_a_large_blob_goes_up_in_chunks(
-    open_registry: Registry, proxy_of: object, tmp_path: Path
+    open_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
     data = make_payload(3 * MiB + 5, seed=6)
-    proxy = proxy_of(open_registry)  # type: ignore[operator]
+    proxy = proxy_of(open_registry)
     client = _client(proxy.url[7:], upload_chunk_size=1 * MiB)
     reference = _ref(proxy, _repo())
     push(client, reference, collect_files(_model(tmp_path / "m", {"big.safetensors": data})))
@@ -472,9 +426,9 @@ def test_a_large_blob_goes_up_in_chunks(
 
 
 def test_blobs_the_registry_has_are_not_uploaded_again(
-    open_registry: Registry, proxy_of: object, tmp_path: Path
+    open_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
-    proxy = proxy_of(open_registry)  # type: ignore[operator]
+    proxy = proxy_of(open_registry)
     client = _client(proxy.url[7:])
     repository = _repo()
     shared = make_payload(MiB, seed=7)
@@ -495,9 +449,9 @@ def test_blobs_the_registry_has_are_not_uploaded_again(
 
 
 def test_blobs_of_another_repository_are_mounted(
-    open_registry: Registry, proxy_of: object, tmp_path: Path
+    open_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
-    proxy = proxy_of(open_registry)  # type: ignore[operator]
+    proxy = proxy_of(open_registry)
     client = _client(proxy.url[7:])
     origin, copy = _repo(), _repo()
     model = _model(tmp_path / "m", {"w.bin": make_payload(MiB, seed=8), "c.json": b"{}"})
@@ -658,7 +612,7 @@ def test_no_credential_or_token_in_logs_errors_or_reprs(
 
 
 def test_a_cross_host_redirect_drops_the_authorization(
-    token_registry: Registry, proxy_of: object, tmp_path: Path
+    token_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
     data = make_payload(MiB, seed=10)
     reference = _ref(token_registry, _repo())
@@ -666,7 +620,7 @@ def test_a_cross_host_redirect_drops_the_authorization(
     push(pusher, reference, collect_files(_model(tmp_path / "m", {"w.bin": data})))
     (layer,) = pusher.artifact(reference).layers
 
-    proxy = proxy_of(token_registry)  # type: ignore[operator]
+    proxy = proxy_of(token_registry)
     with ModelServer() as storage:
         signed = storage.add(f"blobs/{layer.sha256}", token_registry.blob_file(layer.digest))
         proxy.redirect(

@@ -88,7 +88,8 @@ class Plan:
 
     ``etag`` is the origin's validator for the whole entry (an object's ETag, a Hub commit);
     ``meta`` is recorded in the entry (a resolved revision); ``transfer`` the options to fetch
-    with (a store may prefer other chunk sizes).
+    with (a store may prefer other chunk sizes); ``name`` what the entry's file or directory is
+    called when the origin says (an OCI layer's title), else the source's own name.
     """
 
     kind: str
@@ -96,3 +97,4 @@ class Plan:
     etag: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     transfer: TransferOptions = field(default_factory=TransferOptions)
+    name: str | None = None

@@ -9,7 +9,8 @@ Commands (``modelcache COMMAND --help`` for each)::
     modelcache rm KEY [KEY ...]                delete entries (a unique key or sha256 prefix)
     modelcache prune --max-size 10GB           evict least recently used entries
     modelcache clear                           delete everything (also a cache of an old layout)
-    modelcache mirror SOURCE DEST              copy a model to your own bucket or volume
+    modelcache mirror SOURCE DEST              copy a model to your own bucket, volume or
+                                               OCI registry (oci://registry/repo:tag)
 
 Exit status: 0 on success, 1 on a failure the message explains, 2 on bad usage. Results go
 to stdout (a table for people, JSON with ``--json``); notes, warnings and errors to stderr.
@@ -607,9 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     mirror = commands.add_parser(
         "mirror",
         parents=[*parents, storage],
-        help="copy a model to your own bucket or volume",
-        description="Copy a model from its origin to DEST (a bucket, a volume), keeping and "
-        "checking its sha256.",
+        help="copy a model to your own bucket, volume or OCI registry",
+        description="Copy a model from its origin to DEST (a bucket, a volume, or an OCI "
+        "registry's oci://<registry>/<repository>:<tag>, pushed as an artifact of one layer "
+        "per file), keeping and checking its sha256.",
     )
     mirror.add_argument("source", metavar="SOURCE")
     mirror.add_argument("dest", metavar="DEST")

@@ -7,8 +7,13 @@ its sha256 (S3 and GCS object metadata ``sha256``, which modelcache checks when 
 the object; a ``<file>.sha256`` file in ``sha256sum`` format beside a local file), so a handle
 pinned to that sha256 can use the copy and the origin interchangeably.
 
+An ``oci://<registry>/<repository>:<tag>`` destination receives the model as an OCI artifact
+(one layer per file, titled with its path in the model, a ModelPack manifest): see
+``docs/oci.md``. Layers are named by their sha256, which is what they are checked against
+when read back.
+
 Running it again is cheap: files already at the destination with the same size and sha256
-are not copied again.
+are not copied again (a registry is asked with a ``HEAD`` per blob).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 from ._hashing import manifest_digest
 from .errors import SourceError
 from .filesystems import open_filesystem, retrying
-from .sources import Source, SourceLike
+from .sources import Source, SourceLike, parse_sources
 from .transfer import FatalError, TransferOptions
 
 __all__ = ["Mirrored", "mirror"]
@@ -46,6 +51,8 @@ class Mirrored:
         files: how many files the model has.
         copied: how many of them were copied (the others were already there).
         source: the source the model came from (redacted).
+        digest: for an ``oci://`` destination, the pushed manifest's digest (``sha256:...``),
+            which pins it (``dest`` ends with it); else ``None``.
     """
 
     dest: str
@@ -54,6 +61,7 @@ class Mirrored:
     files: int
     copied: int
     source: str
+    digest: str | None = None
 
     def __str__(self) -> str:
         return self.dest
@@ -73,6 +81,7 @@ def mirror(
 
     ``dest`` ending in ``/`` (or an existing local directory) receives the model under its own
     name (``s3://bucket/models/`` + ``sharp.pt``); otherwise ``dest`` is the copy's exact name.
+    An ``oci://`` ``dest`` is a registry's repository and tag (see the module's docstring).
     ``storage_options`` are for the source, ``dest_options`` for the destination.
     Raises what :meth:`Cache.fetch` raises, and :class:`SourceError` when the destination
     cannot be written.
@@ -88,10 +97,15 @@ def mirror(
     target = Source.parse(dest, dest_options)
     files = _files(local)
     digests = _digests(fetched)
+    pushed = None
     try:
         if target.is_local:
             where, copied = _to_local(local, target.local_path, files, digests)
             shown = where.as_posix()
+        elif target.protocol == "oci":
+            pushed = _to_registry(local, target, digests, cache.transfer, model, source)
+            shown = pushed.reference
+            copied = sum(1 for relative, _ in files if digests[relative] in _hexes(pushed.sent))
         else:
             shown, copied = _to_store(local, target, files, digests, cache.transfer)
     except FatalError as error:
@@ -111,7 +125,46 @@ def mirror(
     digest = fetched.sha256 or (
         digests[""] if local.is_file() else manifest_digest(sorted(digests.items()))
     )
-    return Mirrored(shown, digest, size, len(files), copied, fetched.source)
+    manifest = None if pushed is None else pushed.digest
+    return Mirrored(shown, digest, size, len(files), copied, fetched.source, manifest)
+
+
+def _to_registry(
+    local: Path,
+    target: Source,
+    digests: dict[str, str],
+    options: TransferOptions,
+    model: str | None,
+    source: SourceLike | Sequence[SourceLike],
+) -> Any:
+    """Push the model as an OCI artifact; blobs of the registry's other repository the model
+    came from (an ``oci://`` source there) are mounted rather than uploaded."""
+    from ._oci import parse_reference, push_path
+
+    reference = parse_reference(target.url)
+    known = {local.name if rel == "" else rel: sha for rel, sha in digests.items()}
+    mount_from = None
+    for each in parse_sources(source):
+        if each.protocol == "oci":
+            with contextlib.suppress(ValueError):
+                origin = parse_reference(each.url)
+                same_registry = origin.registry == reference.registry
+                if same_registry and origin.repository != reference.repository:
+                    mount_from = origin.repository
+                    break
+    return push_path(
+        local,
+        target.url,
+        storage_options=target.storage_options,
+        transfer=options,
+        name=model,
+        sha256s=known,
+        mount_from=mount_from,
+    )
+
+
+def _hexes(digests: frozenset[str]) -> set[str]:
+    return {d.split(":", 1)[1] for d in digests}
 
 
 def _files(local: Path) -> list[tuple[str, Path]]:

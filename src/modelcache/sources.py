@@ -96,6 +96,8 @@ class Source:
         if self.is_local:
             return self.local_path.name or "model"
         path = unquote(urlsplit(self.url).path).rstrip("/")
+        if self.protocol == "oci":  # repository[:tag][@digest]: a one-layer entry is named by
+            return path.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0] or "model"  # title
         if self.protocol == "hf" and "/" not in path.strip("/"):
             path = urlsplit(self.url).netloc + path
         name = path.rsplit("/", 1)[-1].split("@", 1)[0]
@@ -121,7 +123,10 @@ class Source:
             for k, v in parse_qsl(parts.query, keep_blank_values=True)
             if not _SIGNING_PARAM.match(k)
         )
-        return urlunsplit((self.protocol, netloc, parts.path or "/", urlencode(query), ""))
+        path = parts.path or "/"
+        if self.protocol == "oci":  # repository:tag@digest names what repository@digest does
+            path = re.sub(r":[^/@]*(?=@sha256:)", "", path)
+        return urlunsplit((self.protocol, netloc, path, urlencode(query), ""))
 
     @property
     def key(self) -> str:
@@ -134,7 +139,11 @@ class Source:
         if _is_url(self.url):
             parts = urlsplit(self.url)
             found += [s for s in (parts.password, parts.username) if s]
-            found += [v for _, v in parse_qsl(parts.query) if len(v) >= 4]
+            found += [
+                v
+                for k, v in parse_qsl(parts.query)
+                if len(v) >= 4 and k.lower() not in _SHOWN_PARAMS  # file patterns are shown
+            ]
         for name, value in self.storage_options.items():
             if isinstance(value, str) and len(value) >= 4 and _SECRET_OPTION.search(name):
                 found.append(value)

@@ -134,10 +134,11 @@ class Artifact:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """What to record with a cache entry: the tag asked for and the digests it meant."""
+        """What to record with a cache entry: the tag asked for (``requested``, None when
+        pinned by digest), the digest it resolved to, and the image manifest's digest."""
         return {
             "oci": {
-                "tag": self.reference.tag,
+                "requested": self.reference.tag,
                 "digest": self.pinned,
                 "manifest": self.digest,
             }

@@ -101,6 +101,7 @@ class Pushed:
         uploaded: blobs uploaded (the config counts as one).
         mounted: blobs mounted from another repository.
         skipped: blobs the repository already had.
+        sent: the digests of the blobs uploaded or mounted (the config's included).
     """
 
     reference: str
@@ -110,6 +111,7 @@ class Pushed:
     uploaded: int
     mounted: int
     skipped: int
+    sent: frozenset[str] = frozenset()
 
 
 def layer_media_type(title: str) -> str:
@@ -253,12 +255,14 @@ def push(
     for file in files:
         blobs.setdefault(file.digest, (file.size, functools.partial(file.path.open, "rb")))
     done = {"uploaded": 0, "mounted": 0, "skipped": 0}
+    sent: set[str] = set()
     for blob, (size, opener) in blobs.items():
         if client.blob_size(repository, blob) == size:
             done["skipped"] += 1
             continue
         how = client.upload_blob(repository, opener, blob, size, mount_from=mount_from)
         done[how] += 1
+        sent.add(blob)
     target = reference.tag or digest
     client.put_manifest(repository, target, manifest_raw, OCI_MANIFEST)
     pushed = reference.at(digest).url(selection=False)
@@ -278,4 +282,5 @@ def push(
         done["uploaded"],
         done["mounted"],
         done["skipped"],
+        frozenset(sent),
     )

@@ -1,7 +1,7 @@
 """Planners: ask an origin what a source names (files, sizes, digests), knowing no cache.
 
 One module per kind of origin: ``http`` (a plain file), ``stores`` (S3, GCS and any fsspec
-filesystem, one object or a prefix), ``hub`` (the Hugging Face Hub).
+filesystem, one object or a prefix), ``hub`` (the Hugging Face Hub), ``oci`` (OCI registries).
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ def plan(source: Source, options: TransferOptions) -> Plan:
         from .hub import plan_hub
 
         return plan_hub(source, options)
+    if source.protocol == "oci":
+        from .oci import plan_oci
+
+        return plan_oci(source, options)
     if source.protocol in ("http", "https"):
         from .http import plan_http
 

@@ -332,6 +332,8 @@ class Cache:
 
     def _from_blob(self, source: Source, digest: str) -> Fetched | None:
         """An entry for ``source`` made from a blob of ``digest`` that another source fetched."""
+        if source.protocol == "oci":
+            return None  # its file is named by a layer title, which only the manifest tells
         blob = self._sound_blob(digest, None)
         if blob is None:
             return None
@@ -409,7 +411,7 @@ class Cache:
         cancel: threading.Event | None,
         replace: bool,
     ) -> Fetched:
-        key, name = source.key, source.name
+        key, name = source.key, plan.name or source.name
         stored = {
             i: self._sound_blob(f.sha256, f.size) for i, f in enumerate(plan.files) if f.sha256
         }
@@ -466,7 +468,7 @@ class Cache:
             len(blobs),
             time.monotonic() - started,
         )
-        meta = _meta(source, plan.kind, entry_digest, etag, records, plan.meta)
+        meta = _meta(source, plan.kind, entry_digest, etag, records, plan.meta, name=name)
         ref = layer.publish(key, meta, parts, blobs, replace=replace)
         if ref is None:  # another writer published first (its lock was not held: no flock)
             hit = self._find(source, digest, {})
@@ -724,11 +726,12 @@ def _meta(
     extra: Mapping[str, Any] | None = None,
     *,
     key: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     return {
         "key": key or source.key,
         "source": source.redacted,
-        "name": source.name,
+        "name": name or source.name,
         "kind": kind,
         "size": sum(int(f["size"]) for f in files),
         "sha256": sha256,
