@@ -189,13 +189,18 @@ def code_blocks(page: str, language: str) -> list[str]:
     return blocks
 
 
-def run_python_blocks(page: str, origin: str) -> dict[str, Any]:
-    """Run every python block of the page in order, in one namespace, against ``origin``."""
+def run_python_blocks(
+    page: str, origin: str, replacements: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run every python block of the page in order, in one namespace, against ``origin``
+    (``replacements``: other example text to swap, e.g. a registry's host)."""
     blocks = code_blocks(page, "python")
     assert blocks, f"{page} has no python blocks"
     namespace: dict[str, Any] = {"__name__": "docs_example"}
     for n, block in enumerate(blocks):
         code = block.replace(EXAMPLE_HOST, origin)
+        for example, real in (replacements or {}).items():
+            code = code.replace(example, real)
         exec(compile(code, f"docs/{page}[block {n}]", "exec"), namespace)
     return namespace
 

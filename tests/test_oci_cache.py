@@ -4,6 +4,7 @@ refuses, bytes flipped in the registry's store, the registry stopped)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -16,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST, MiB, ProxyOf, make_payload, sha, wait_for
+from conftest import (
+    EXAMPLE_HOST,
+    FAST,
+    MiB,
+    ProxyOf,
+    code_blocks,
+    make_payload,
+    run_python_blocks,
+    sha,
+    wait_for,
+)
 from servers.proxy import FaultProxy
 from servers.registry import PASSWORD, USER, Registry, start_registry
 
@@ -358,3 +369,61 @@ def test_the_cli_mirrors_a_cached_oci_model_to_another_repository_by_mounting_it
     assert proxy.count(lambda m, p: m == "PUT" and f"digest={layer}" in p) == 0  # not uploaded
     got = Cache(tmp_path / "other", read_only_paths=[], transfer=FAST).fetch(printed)
     assert (got.name, got.read_bytes()) == ("tagger.safetensors", data)
+
+
+# -- the how-to page ---------------------------------------------------------------------------
+
+
+def test_the_oci_page_examples_run_against_a_registry_with_token_auth(
+    token_registry: Registry,
+    model_server: Any,
+    fake_weights: Callable[..., Path],
+    modelcache_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    weights = fake_weights("safetensors", size_bytes=64 * 1024)
+    model_server.add("v1/tagger.safetensors", weights.read_bytes())
+    login = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()  # as `docker login` writes
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(
+        json.dumps({"auths": {token_registry.address: {"auth": login}}})
+    )
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    monkeypatch.setenv("REGISTRY_USER", USER)
+    monkeypatch.setenv("REGISTRY_PASSWORD", PASSWORD)
+    swap = {EXAMPLE_HOST: model_server.url, "registry.example.com": token_registry.address}
+
+    (console,) = code_blocks("oci.md", "console")
+    command = console.removeprefix("$ modelcache ")
+    for example, real in swap.items():
+        command = command.replace(example, real)
+    done = subprocess.run(
+        [sys.executable, "-m", "modelcache", *command.split()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"oci://{token_registry.address}/models/tagger:v1@sha256:")
+
+    namespace = run_python_blocks("oci.md", model_server.url, swap)
+    try:
+        assert namespace["pushed"].copied == 0  # the console command pushed it already
+        expected = load_file(weights)
+        assert set(namespace["weights"]) == set(expected)
+        assert all(torch.equal(namespace["weights"][k], expected[k]) for k in expected)
+        assert namespace["moved"].path.read_bytes() == weights.read_bytes()
+        assert namespace["private"].ready
+        (record,) = code_blocks("oci.md", "json")
+        real = _meta(namespace["first"].path)["oci"]
+        assert set(json.loads(record)["oci"]) == set(real)
+        assert real["digest"] == namespace["pushed"].digest
+    finally:
+        for name in ("tagger", "private"):
+            namespace[name].close()

@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         "source",
         nargs="?",
         metavar="SOURCE",
-        help="a URL (https://, s3://, gs://, hf://) or a local path",
+        help="a URL (https://, s3://, gs://, hf://, oci://) or a local path",
     )
     fetch.add_argument(
         "--sha256",
