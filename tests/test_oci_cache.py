@@ -216,6 +216,12 @@ def test_a_layer_another_source_brought_is_not_fetched_again(
     assert _blob_gets(proxy) == 0
     assert proxy.count(lambda m, p: "/manifests/" in p) == 1
     assert got.path.stat().st_ino == by_http.stat().st_ino  # one copy of the bytes
+    other_tag = url.replace(":v1", ":v2")
+    _push(_files(tmp_path / "m", {"w.safetensors": data}), other_tag)
+    proxy.clear()
+    named = cache.fetch(other_tag, sha256=sha(data))  # the name comes from the manifest
+    assert (named.name, named.stat().st_ino) == ("w.safetensors", by_http.stat().st_ino)
+    assert _blob_gets(proxy) == 0
 
 
 def test_a_cut_layer_download_resumes_with_ranged_gets_and_errors_are_retried(
