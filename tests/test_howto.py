@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import venv_env
 from servers.fixtures import hub, moto_server, s3_bucket, store_env  # noqa: F401
 from servers.hub import HubStandIn
 from servers.stores import S3_KEY, S3_SECRET, S3Bucket
@@ -31,15 +32,14 @@ DOCS = ROOT / "docs" / "howto"
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a reader's shell: this interpreter as ``python``, modelcache on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    """The environment of a reader's shell with the venv active: its ``python`` and ``modelcache``.
+
+    A symlink to the venv's interpreter from another folder is not the venv's python (Python
+    finds ``pyvenv.cfg`` beside the path it was started by), so the venv's own bin comes first.
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MODELCACHE_", "HF_"))}
     return {
-        **base,
-        "PATH": path,
+        **venv_env(base),
         "MODELCACHE_PROGRESS": "0",
         "MODELCACHE_HOME": str(tmp_path / "home"),
     }
