@@ -54,7 +54,7 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=False)
 def wheel(session: nox.Session) -> None:
-    """Build the wheel, install it with ``[testing]`` into this new venv and smoke-test it.
+    """Build the wheel, install it with ``[testing,fastapi]`` into this new venv, smoke-test it.
 
     Everything runs from a temporary folder outside the source tree with no ``PYTHONPATH``, so
     only what the wheel holds is importable (scripts/wheel_smoke.py says what is checked).
@@ -65,13 +65,15 @@ def wheel(session: nox.Session) -> None:
         session.run("python", "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT))
         (built,) = dist.glob("modelcache-*.whl")
         session.install(TORCH)  # the CPU build on disk, before [testing] asks for torch
-        session.install(f"{built}[testing]")
+        session.install(f"{built}[testing,fastapi]")  # fastapi: the demo's app imports it
+        # the smoke test, and the docs' example of a user's tests (docs/testing.md)
         shutil.copy(ROOT / "scripts" / "wheel_smoke.py", work / "test_wheel_smoke.py")
+        shutil.copy(ROOT / "examples" / "testing" / "test_my_service.py", work)
         session.chdir(work)
         env = {"PYTHONPATH": "", "MODELCACHE_SOURCE_TREE": str(ROOT), "MODELCACHE_PROGRESS": "0"}
         session.run(
             "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error",
-            "test_wheel_smoke.py", env=env,
+            "test_wheel_smoke.py", "test_my_service.py", env=env,
         )  # fmt: skip
     finally:
         session.chdir(ROOT)

@@ -67,10 +67,15 @@ def test_every_fake_weights_kind_writes(fake_weights: Callable[..., Path], kind:
 def test_the_command_line_and_the_demo_answer_help() -> None:
     assert "fetch" in run(str(BIN / "modelcache"), "--help").stdout  # the console script
     assert "fetch" in run(sys.executable, "-m", "modelcache", "--help").stdout
-    # the demo needs no pytest: its --help runs with pytest made unimportable
+    assert "--quantize" in run(sys.executable, "-m", "modelcache.demo", "--help").stdout
+
+
+def test_the_demo_and_the_library_need_no_pytest() -> None:
+    # pytest made unimportable: the demo's modules and --help, the CLI and the FastAPI routes
     no_pytest = (
-        "import runpy, sys; sys.modules['pytest'] = None; sys.argv[0] = 'modelcache.demo'; "
-        "runpy.run_module('modelcache.demo', run_name='__main__', alter_sys=True)"
+        "import runpy, sys; sys.modules['pytest'] = None\n"
+        "import modelcache.cli, modelcache.demo.app, modelcache.integrations.fastapi\n"
+        "sys.argv[0] = 'modelcache.demo'\n"
+        "runpy.run_module('modelcache.demo', run_name='__main__', alter_sys=True)\n"
     )
     assert "--quantize" in run(sys.executable, "-c", no_pytest, "--help").stdout
-    assert "--quantize" in run(sys.executable, "-m", "modelcache.demo", "--help").stdout
