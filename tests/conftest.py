@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from servers.no_skips import pytest_runtest_makereport  # noqa: F401  (a skip fails)
 
 from modelcache import Cache, TransferOptions
 
