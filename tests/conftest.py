@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from servers.no_skips import pytest_runtest_makereport  # noqa: F401  (a skip fails)
 
 from modelcache import Cache, TransferOptions
 
@@ -29,6 +30,28 @@ ProxyOf = Callable[["Registry"], "FaultProxy"]
 """``proxy_of(registry)``: the :func:`proxy_of` fixture's factory."""
 
 MiB = 1 << 20
+
+#: the bin directory of the interpreter running the tests (the venv's): its ``python`` and
+#: ``modelcache`` are the ones a shell command of the docs must run, whatever PATH pytest got
+VENV_BIN = Path(sys.executable).parent
+
+
+def venv_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default ``os.environ``) with :data:`VENV_BIN` first on ``PATH``.
+
+    A shell started with it runs this venv's ``python`` and ``modelcache``, as a reader's shell
+    with the venv activated would. Fails loudly if the venv lacks either.
+    """
+    for name in ("python", "modelcache"):
+        if not (VENV_BIN / name).is_file():
+            raise AssertionError(
+                f"{VENV_BIN / name} is missing: run the tests with the venv's interpreter "
+                "(bash scripts/test.sh, or .venv/bin/python -m pytest)"
+            )
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join(p for p in (str(VENV_BIN), env.get("PATH", "")) if p)
+    return env
+
 
 #: retries and timeouts short enough for tests, long enough for a loaded 2-core machine
 FAST = TransferOptions(

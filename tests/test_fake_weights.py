@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,3 +107,11 @@ def test_unknown_kind_and_options_are_refused(fake_weights: FakeWeights) -> None
     with pytest.raises(TypeError, match="cap"):
         fake_weights("state_dict", cap=3)
     assert fake_weights("sharp", file_name="sharp-abc.pt").name == "sharp-abc.pt"
+
+
+def test_a_missing_dependency_names_the_testing_extra(
+    fake_weights: FakeWeights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "numpy", None)  # as in a venv without numpy
+    with pytest.raises(ModuleNotFoundError, match=r"numpy.*pip install 'modelcache\[testing\]'"):
+        fake_weights("safetensors", size_bytes=10_000)

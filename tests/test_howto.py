@@ -18,11 +18,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from servers.fixtures import hub, moto_server, s3_bucket, store_env  # noqa: F401
+from conftest import venv_env
 from servers.hub import HubStandIn
 from servers.stores import S3_KEY, S3_SECRET, S3Bucket
 
 from modelcache.testing import ModelServer
+
+pytest_plugins = ["servers.fixtures"]  # s3_bucket, hub (as the other store tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOWTO = ROOT / "examples" / "howto"
@@ -31,15 +33,14 @@ DOCS = ROOT / "docs" / "howto"
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a reader's shell: this interpreter as ``python``, modelcache on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    """The environment of a reader's shell with the venv active: its ``python`` and ``modelcache``.
+
+    A symlink to the venv's interpreter from another folder is not the venv's python (Python
+    finds ``pyvenv.cfg`` beside the path it was started by), so the venv's own bin comes first.
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MODELCACHE_", "HF_"))}
     return {
-        **base,
-        "PATH": path,
+        **venv_env(base),
         "MODELCACHE_PROGRESS": "0",
         "MODELCACHE_HOME": str(tmp_path / "home"),
     }
@@ -152,7 +153,7 @@ def test_bucket_mirror_serves_and_the_cdn_is_the_fallback(
     model_server: ModelServer,
     fake_weights: Callable[..., Path],
     env: dict[str, str],
-    s3_bucket: S3Bucket,  # noqa: F811
+    s3_bucket: S3Bucket,
     tmp_path: Path,
 ) -> None:
     weights = fake_weights("state_dict", size_bytes=1 << 20)
@@ -180,7 +181,7 @@ def test_bucket_mirror_serves_and_the_cdn_is_the_fallback(
 
 
 def test_hub_file_and_repo_then_offline_with_no_request(
-    hub: HubStandIn,  # noqa: F811
+    hub: HubStandIn,
     fake_weights: Callable[..., Path],
     env: dict[str, str],
 ) -> None:
@@ -277,7 +278,7 @@ def test_replicas_take_the_weights_once_per_node_and_nothing_when_warm(
     model_server: ModelServer,
     fake_weights: Callable[..., Path],
     env: dict[str, str],
-    s3_bucket: S3Bucket,  # noqa: F811
+    s3_bucket: S3Bucket,
     tmp_path: Path,
 ) -> None:
     manifest = HOWTO / "k8s" / "replicas.yaml"

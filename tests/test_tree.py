@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST, MiB, code_blocks, make_payload, sha
+from conftest import FAST, MiB, code_blocks, make_payload, sha, venv_env
 from servers.hub import HubStandIn
 from servers.proxy import FaultProxy
 from servers.stores import S3_KEY, S3_SECRET, GCSBucket, S3Bucket, ServerProcess
@@ -297,7 +297,7 @@ def test_stores_page_runs_as_documented(
     assert namespace["state_dict_path"].read_bytes() == sharp
     assert image_cache in namespace["sam2"].parents  # used in place from the image's cache
 
-    shell_env = {**os.environ, **env, "HF_ENDPOINT": hub.url, "MODELCACHE_PROGRESS": "0"}
+    shell_env = venv_env({**os.environ, **env, "HF_ENDPOINT": hub.url, "MODELCACHE_PROGRESS": "0"})
     for block in code_blocks("stores.md", "bash"):
         if "sha256sum" in block:
             continue  # run against a directory entry by the test above

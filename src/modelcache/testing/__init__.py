@@ -5,7 +5,9 @@
   per-path request and byte counts, and faults you can arm.
 - ``fake_weights``: a factory writing small random weights of a real format.
 
-Importing this module imports neither torch nor any web framework.
+``pip install 'modelcache[testing]'`` brings what they need (pytest, torch, safetensors, numpy).
+Importing this module imports neither torch nor any web framework; nothing else in modelcache
+imports this module (nor pytest).
 """
 
 from __future__ import annotations

@@ -212,6 +212,10 @@ def _sharp_state_dict(seed: int, cap: int | None) -> dict[str, Any]:
 # -- entry point ----------------------------------------------------------------------------------
 
 
+#: what writing needs, all in the ``testing`` extra (safetensors' ``save_file`` imports numpy)
+_NEEDS = ("torch", "safetensors", "numpy")
+
+
 def write_fake_weights(
     directory: Path,
     kind: str = "safetensors",
@@ -224,7 +228,21 @@ def write_fake_weights(
 
     Options: ``whisper`` takes ``ModelDimensions`` fields; ``sharp`` takes ``cap`` (the largest
     size of any dimension, ``None`` for full size). ``file_name`` names the file for every kind.
+    Without torch, safetensors or numpy, ``ModuleNotFoundError`` names the ``testing`` extra.
     """
+    try:
+        return _write(directory, kind, size_bytes, seed, options)
+    except ModuleNotFoundError as error:
+        if error.name not in _NEEDS:
+            raise
+        raise ModuleNotFoundError(
+            f"fake weights need {error.name} (No module named {error.name!r}): "
+            "pip install 'modelcache[testing]'",
+            name=error.name,
+        ) from error
+
+
+def _write(directory: Path, kind: str, size_bytes: int, seed: int, options: dict[str, Any]) -> Path:
     file_name = options.pop("file_name", None)
     if kind == "safetensors":
         from safetensors.torch import save_file
