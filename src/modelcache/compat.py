@@ -1,4 +1,5 @@
-"""Drop-ins for ``torch.hub.load_state_dict_from_url`` and ``whisper.load_model``.
+"""Drop-ins for ``torch.hub.load_state_dict_from_url``, ``whisper.load_model`` and
+huggingface_hub's ``hf_hub_download`` / ``snapshot_download``.
 
 Same arguments, same return values, one import changed; the file goes through modelcache's
 cache (locked against concurrent downloads, resumable, verified, no network on a warm start)
@@ -7,10 +8,12 @@ and pickles are loaded with ``weights_only=True`` unless you say otherwise::
     # before
     state_dict = torch.hub.load_state_dict_from_url(URL, progress=True)
     model = whisper.load_model("base")
+    from huggingface_hub import hf_hub_download, snapshot_download
     # after
     from modelcache.compat import load_state_dict_from_url, whisper_load_model
     state_dict = load_state_dict_from_url(URL, progress=True)
     model = whisper_load_model("base")
+    from modelcache.compat import hf_hub_download, snapshot_download
 
 A file that torch.hub or openai-whisper downloaded before (``<model_dir>/<file name>``,
 ``~/.cache/whisper/<size>.pt``) is used in place instead of being downloaded again.
@@ -29,11 +32,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._hashing import hash_file
+from ._hf_compat import LocalEntryNotCachedError, hf_hub_download, snapshot_download
 from .cache import Cache, Fetched
 from .errors import IntegrityError, ModelCacheError
 from .recipes import WHISPER_MODELS, _import_whisper, whisper_loader, whisper_sha256
 
-__all__ = ["HASH_REGEX", "load_state_dict_from_url", "whisper_load_model"]
+__all__ = [
+    "HASH_REGEX",
+    "LocalEntryNotCachedError",
+    "hf_hub_download",
+    "load_state_dict_from_url",
+    "snapshot_download",
+    "whisper_load_model",
+]
 
 log = logging.getLogger("modelcache")
 

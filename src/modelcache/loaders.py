@@ -11,10 +11,23 @@ processes share one copy of the weights through the page cache.
 
 builds ``Net()`` on the ``meta`` device (no memory, no random initialisation) and adopts the
 checkpoint's memory-mapped tensors as its parameters with ``load_state_dict(assign=True)``.
+
+The Hugging Face libraries load a cached repo (a directory source such as
+``hf://org/repo``) with :func:`from_pretrained` (transformers ``Auto*`` and model classes,
+diffusers pipelines) and :func:`sentence_transformer`; each imports its library only when it
+loads, so a module that defines handles stays light::
+
+    handle = ModelHandle("minilm", source="hf://sentence-transformers/all-MiniLM-L6-v2",
+                         loader=from_pretrained("transformers.AutoModel"), quantize="int8")
+
+``.onnx`` files load as an ``onnxruntime.InferenceSession`` on CPU (external data, such as a
+``model.onnx_data`` file beside the model, is read from the same directory).
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import pickle
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -23,18 +36,24 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ONNX_SUFFIX",
     "TORCH_SUFFIXES",
     "UnsafeCheckpointError",
     "UnsupportedFormat",
     "build_on_meta",
     "default_loader",
+    "from_pretrained",
     "load_directory",
+    "load_onnx",
     "load_safetensors",
     "load_torch",
     "module_loader",
+    "sentence_transformer",
 ]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+ONNX_SUFFIX = ".onnx"
+INDEX_SUFFIX = ".safetensors.index.json"
 Loader = Callable[[Path], Any]
 
 
@@ -86,36 +105,169 @@ def _unsafe_reason(path: Path, error: Exception) -> str:
     )
 
 
-def load_directory(path: Path, device: str = "cpu") -> dict[str, Any]:
-    """Every ``*.safetensors`` file directly in ``path`` (shards), merged into one state dict."""
-    shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    if not shards:
+def load_onnx(path: Path) -> Any:
+    """An ``onnxruntime.InferenceSession`` of the ``.onnx`` file, on CPU.
+
+    External data (``model.onnx_data`` or whatever the model names) is read from the file's
+    directory. Needs onnxruntime (``pip install 'modelcache[onnx]'``).
+    """
+    try:
+        import onnxruntime
+    except ImportError:
         raise UnsupportedFormat(
-            f"{path.name} is a directory without .safetensors files: pass loader= to say how "
+            f"{path.name} is an ONNX model: loading it needs onnxruntime "
+            "(pip install 'modelcache[onnx]'), or pass loader="
+        ) from None
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _shards(path: Path) -> tuple[list[Path], Path | None]:
+    """The safetensors files of a directory: those its index names, else all of them."""
+    indexes = sorted(p for p in path.glob(f"*{INDEX_SUFFIX}") if p.is_file())
+    if not indexes:
+        return sorted(p for p in path.glob("*.safetensors") if p.is_file()), None
+    preferred = [p for p in indexes if p.name == f"model{INDEX_SUFFIX}"]
+    if len(indexes) > 1 and not preferred:
+        names = ", ".join(p.name for p in indexes)
+        raise UnsupportedFormat(
+            f"{path.name} has several safetensors indexes ({names}): pass loader= to choose"
+        )
+    index = (preferred or indexes)[0]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UnsupportedFormat(f"{index.name} is not a safetensors index: {error}") from None
+    return [path / name for name in sorted(set(weight_map.values()))], index
+
+
+def load_directory(path: Path, device: str = "cpu") -> Any:
+    """A directory's weights: its safetensors shards merged into one mapped state dict.
+
+    With an index (``model.safetensors.index.json``), the shards it names are loaded and every
+    tensor it lists must be there; without one, every ``*.safetensors`` file directly in
+    ``path``. A directory without safetensors but with one ``.onnx`` model loads that model
+    (:func:`load_onnx`). The tensors stay memory-mapped: merging copies no data.
+    """
+    shards, index = _shards(path)
+    if not shards:
+        models = sorted(p for p in path.glob(f"*{ONNX_SUFFIX}") if p.is_file())
+        if len(models) == 1:
+            return load_onnx(models[0])
+        raise UnsupportedFormat(
+            f"{path.name} is a directory without .safetensors files"
+            f"{' and with several .onnx models' if models else ''}: pass loader= to say how "
             "to load it (the loader receives the directory's Path)"
         )
     state: dict[str, Any] = {}
     for shard in shards:
+        if not shard.is_file():
+            raise UnsupportedFormat(f"{path.name}: the index names {shard.name}, which is missing")
         state.update(load_safetensors(shard, device))
+    if index is not None:
+        listed = json.loads(index.read_text())["weight_map"]
+        missing = sorted(set(listed) - set(state))
+        if missing:
+            raise UnsupportedFormat(
+                f"{path.name}: {len(missing)} tensor(s) of {index.name} are in no shard "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            )
     return state
 
 
 def default_loader(path: Path, device: str = "cpu") -> Any:
-    """Load ``path`` by its suffix: safetensors, or torch's ``.pt/.pth/.bin/.ckpt``.
+    """Load ``path`` by its suffix: safetensors, ONNX, or torch's ``.pt/.pth/.bin/.ckpt``.
 
-    A directory's ``*.safetensors`` files are merged into one state dict.
+    A directory's safetensors shards are merged into one state dict (:func:`load_directory`).
     """
     if path.is_dir():
         return load_directory(path, device)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return load_safetensors(path, device)
+    if suffix == ONNX_SUFFIX:
+        return load_onnx(path)
     if suffix in TORCH_SUFFIXES:
         return load_torch(path, device)
     raise UnsupportedFormat(
-        f"no default loader for {path.name!r} (known: .safetensors, {', '.join(TORCH_SUFFIXES)});"
-        " pass loader="
+        f"no default loader for {path.name!r} (known: .safetensors, .onnx, "
+        f"{', '.join(TORCH_SUFFIXES)}); pass loader="
     )
+
+
+# -- the Hugging Face libraries ----------------------------------------------------------------
+
+
+def _resolve(target: Any) -> Any:
+    """``target`` itself, or the object a ``"package.module.Name"`` string names."""
+    if not isinstance(target, str):
+        return target
+    module_name, _, attribute = target.replace(":", ".").rpartition(".")
+    if not module_name:
+        raise ValueError(f"expected 'package.module.Name', got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        package = module_name.split(".")[0]
+        extra = _EXTRAS.get(package, package)
+        raise ImportError(f"{target} needs {package}: pip install '{extra}' ({error})") from None
+    return getattr(module, attribute)
+
+
+_EXTRAS = {
+    "transformers": "modelcache[transformers]",
+    "sentence_transformers": "modelcache[sentence-transformers]",
+    "diffusers": "modelcache[diffusers]",
+}
+
+
+def _directory(path: Path, what: str) -> str:
+    if not path.is_dir():
+        raise UnsupportedFormat(
+            f"{what} loads a directory (a repo or folder source such as hf://owner/repo), "
+            f"but the source is the file {path.name!r}"
+        )
+    return str(path)
+
+
+def from_pretrained(cls: Any, **kwargs: Any) -> Loader:
+    """A loader calling ``cls.from_pretrained(directory, **kwargs)`` on the cached directory.
+
+    ``cls`` is a transformers ``Auto*`` or model class, a diffusers pipeline, or any class
+    with ``from_pretrained``; or its dotted name (``"transformers.AutoModel"``), imported only
+    when the model loads. ``local_files_only=True`` is passed unless you pass it: the cached
+    directory is complete, and the library is never asked to reach the Hub. safetensors
+    weights are memory-mapped by the libraries (transformers maps them; diffusers with
+    accelerate installed), and the result is a ``torch.nn.Module`` that ``quantize="int8"``
+    applies to::
+
+        handle = ModelHandle("bert", source="hf://google-bert/bert-base-uncased",
+                             loader=from_pretrained(AutoModel, torch_dtype="auto"))
+    """
+    options = {"local_files_only": True, **kwargs}
+
+    def load(path: Path) -> Any:
+        return _resolve(cls).from_pretrained(_directory(path, "from_pretrained"), **options)
+
+    return load
+
+
+def sentence_transformer(**kwargs: Any) -> Loader:
+    """A loader making a ``sentence_transformers.SentenceTransformer`` of the cached directory.
+
+    ``kwargs`` go to ``SentenceTransformer`` (``device=``, ``truncate_dim=``, ...);
+    ``local_files_only=True`` is passed unless you pass it. sentence-transformers is imported
+    when the model loads (``pip install 'modelcache[sentence-transformers]'``)::
+
+        handle = ModelHandle("minilm", source="hf://sentence-transformers/all-MiniLM-L6-v2",
+                             loader=sentence_transformer(device="cpu"))
+    """
+    options = {"local_files_only": True, **kwargs}
+
+    def load(path: Path) -> Any:
+        model_class = _resolve("sentence_transformers.SentenceTransformer")
+        return model_class(_directory(path, "sentence_transformer"), **options)
+
+    return load
 
 
 # -- building on the meta device --------------------------------------------------------------

@@ -5,13 +5,16 @@ It serves the routes huggingface_hub calls, with the Hub's headers:
 - ``GET /api/{models,datasets,spaces}/<repo>[/revision/<rev>][?blobs=true]``: repo info (the
   commit ``sha`` and ``siblings`` with size, ``blobId`` and ``lfs`` metadata);
 - ``GET /api/<type>s/<repo>/tree/<rev>[/<path>][?recursive=true]``: the tree listing;
+- ``POST /api/<type>s/<repo>/paths-info/<rev>`` (form ``paths=...``): the listing of some paths;
 - ``HEAD|GET /[<type>s/]<repo>/resolve/<rev>/<path>``: small files answered directly (``ETag`` =
   git blob id), LFS files redirected to a second server standing for the CDN (``X-Linked-Etag``
   = sha256, ``X-Linked-Size``), both with ``X-Repo-Commit``; the CDN honours ``Range``.
 
 Branches and tags move like git refs (:meth:`HubStandIn.push`, :meth:`HubStandIn.tag`), private
 repos need ``Authorization: Bearer <token>``, and faults can be armed (an error status, a
-connection cut mid-body).
+connection cut mid-body). It can also play a sparser mirror: repo info whose siblings carry no
+sizes or digests (``info_metadata=False``, as olah's), and no listing routes at all
+(``listing_routes=False``).
 """
 
 from __future__ import annotations
@@ -69,10 +72,20 @@ class HubStandIn:
 
     Args:
         lfs_threshold: files of at least this many bytes are stored with LFS.
+        info_metadata: whether repo info's siblings carry sizes and digests (``?blobs=true``).
+        listing_routes: whether the tree and paths-info routes answer (else 404).
     """
 
-    def __init__(self, lfs_threshold: int = 1024) -> None:
+    def __init__(
+        self,
+        lfs_threshold: int = 1024,
+        *,
+        info_metadata: bool = True,
+        listing_routes: bool = True,
+    ) -> None:
         self.lfs_threshold = lfs_threshold
+        self.info_metadata = info_metadata
+        self.listing_routes = listing_routes
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._blobs: dict[str, bytes] = {}
         self._served: dict[tuple[str, str, str], bytes] = {}
@@ -257,6 +270,11 @@ def _make_handler(hub: HubStandIn, cdn: bool) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             self._handle(body=True)
 
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self._form = parse_qs(self.rfile.read(length).decode()) if length else {}
+            self._handle(body=True)
+
         # -- answers ----------------------------------------------------------------------------
 
         def _answer(
@@ -320,13 +338,21 @@ def _make_handler(hub: HubStandIn, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 return
             action = rest[2] if len(rest) > 2 else "revision"
             revision = rest[3] if len(rest) > 3 else "main"
+            if action in ("tree", "paths-info") and not hub.listing_routes:
+                self._error(404, "NotFound", "no such route", True)
+                return
             commit = hub._resolve(repo, revision)
-            if commit is None or action not in ("revision", "tree"):
+            if commit is None or action not in ("revision", "tree", "paths-info"):
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", True)
                 return
             files = repo.commits[commit]
+            if action == "paths-info":
+                wanted = getattr(self, "_form", {}).get("paths", [])
+                self._json([hub._tree_item(n, files[n]) for n in wanted if n in files])
+                return
             if action == "revision":
                 blobs = query.get("blobs", ["false"])[0].lower() == "true"
+                blobs = blobs and hub.info_metadata
                 self._json(
                     {
                         "id": repo_id,
