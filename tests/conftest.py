@@ -95,6 +95,56 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from ``path`` (``/proc/self/maps``)."""
+    target = str(path.resolve())
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == target:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def inside(pointer: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= pointer < end for start, end in ranges)
+
+
+def write_onnx_linear(path: Path, weight: Any, bias: Any, external_data: str | None = None) -> None:
+    """An ONNX model computing ``x @ weight + bias`` (numpy float32 arrays), built with the
+    ``onnx`` package; its weights go to the file ``external_data`` beside it when given."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, cols = weight.shape
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "weight"], ["product"]),
+            helper.make_node("Add", ["product", "bias"], ["y"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])],
+        [numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    if external_data is None:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=external_data,
+            size_threshold=0,
+        )
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,71 @@ def test_missing_huggingface_hub_names_the_install_command(
         cache.fetch("hf://org/m/w.bin", model="m")
     assert "pip install 'modelcache[hf]'" in str(caught.value)
     assert hub.requests == []
+
+
+# -- mirrors: no revision means main, listings fill in what repo info leaves out -----------------
+
+
+@pytest.fixture
+def sparse_hub(monkeypatch: pytest.MonkeyPatch, store_env: None) -> Iterator[HubStandIn]:
+    """A mirror whose repo info lists file names only (as olah's): sizes and digests come from
+    the tree and paths-info routes."""
+    with HubStandIn(info_metadata=False) as stand_in:
+        monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
+        yield stand_in
+
+
+def test_no_revision_asks_for_main_not_the_bare_repo_route(cache: Cache, hub: HubStandIn) -> None:
+    hub.push("org/m", {"w.bin": b"w" * 3000})
+    cache.fetch("hf://org/m/w.bin")
+    assert hub.count(lambda m, p: p == "/api/models/org/m/revision/main") == 1
+    assert hub.count(lambda m, p: p == "/api/models/org/m") == 0
+
+
+def test_repo_info_without_digests_is_completed_by_the_listing_routes(
+    cache: Cache, sparse_hub: HubStandIn
+) -> None:
+    data = make_payload(MiB, seed=8)
+    sparse_hub.push("org/m", WHISPER | {"model.bin": data})
+
+    one = cache.fetch("hf://org/m/model.bin")
+    repo = cache.fetch("hf://org/m")
+
+    assert one.read_bytes() == data
+    assert (repo / "model.bin").read_bytes() == data
+    assert "unverified" not in meta_of(one)
+    assert "unverified" not in meta_of(repo)
+    assert sparse_hub.count(lambda m, p: m == "POST" and "/paths-info/" in p) == 1
+    assert sparse_hub.count(lambda m, p: "/tree/" in p) == 1
+
+
+@pytest.mark.parametrize("url", ["hf://org/m/model.bin", "hf://org/m", "hf://org/m/config.json"])
+def test_the_listed_digests_are_checked(cache: Cache, sparse_hub: HubStandIn, url: str) -> None:
+    data = make_payload(MiB, seed=9)
+    sparse_hub.push("org/m", WHISPER | {"model.bin": data})
+    sparse_hub.tamper(sha(data), make_payload(MiB, seed=10))  # the LFS file
+    sparse_hub.tamper_small("org/m", "config.json", b'{"a": 2}')  # a small file
+
+    with pytest.raises(IntegrityError, match="mismatch"):
+        cache.fetch(url)
+    assert cache.entries() == []
+
+
+def test_files_no_route_gives_a_digest_for_are_recorded_as_unverified(
+    cache: Cache,
+    monkeypatch: pytest.MonkeyPatch,
+    store_env: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with HubStandIn(info_metadata=False, listing_routes=False) as bare:
+        monkeypatch.setenv("HF_ENDPOINT", bare.url)
+        bare.push("org/m", WHISPER)
+        with caplog.at_level(logging.DEBUG, logger="modelcache"):
+            one = cache.fetch("hf://org/m/model.bin")
+            repo = cache.fetch("hf://org/m?include=*.json")
+
+    assert one.read_bytes() == WHISPER["model.bin"]
+    assert meta_of(one)["unverified"] == ["model.bin"]
+    assert meta_of(repo)["unverified"] == ["config.json", "tokenizer.json"]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("no digest" in m and "model.bin" in m and "unverified" in m for m in said)

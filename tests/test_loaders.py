@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import inside, mapped_ranges, write_onnx_linear
+from safetensors.torch import save, save_file
+from servers.hub import HubStandIn
 
 from modelcache import Cache, LoadError, ModelHandle
 from modelcache.loaders import (
@@ -24,6 +29,8 @@ from modelcache.loaders import (
 from modelcache.testing import ModelServer
 
 MiB = 1 << 20
+
+pytest_plugins = ["servers.fixtures"]
 
 
 class Net(torch.nn.Module):
@@ -51,23 +58,6 @@ def _reference(width: int = 64, depth: int = 3) -> Net:
     return net.eval()
 
 
-def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process mapped from ``path`` (``/proc/self/maps``)."""
-    target = str(path.resolve())
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].strip() == target:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                ranges.append((start, end))
-    return ranges
-
-
-def _inside(pointer: int, ranges: list[tuple[int, int]]) -> bool:
-    return any(start <= pointer < end for start, end in ranges)
-
-
 def _handle(source: Any, cache: Cache, **options: Any) -> ModelHandle:
     return ModelHandle("model", source=source, cache=cache, **options)
 
@@ -85,9 +75,9 @@ def test_safetensors_over_http_are_mapped_not_copied(
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in state)
     cached = Path(cache.lookup(url) or "")
-    ranges = _mapped_ranges(cached)
+    ranges = mapped_ranges(cached)
     assert ranges
-    assert all(_inside(t.data_ptr(), ranges) for t in state.values())
+    assert all(inside(t.data_ptr(), ranges) for t in state.values())
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
@@ -98,9 +88,9 @@ def test_torch_files_load_with_mmap(
     path = saved.with_suffix(suffix)
     saved.rename(path)
     state = _handle(path, cache).get()
-    ranges = _mapped_ranges(path)
+    ranges = mapped_ranges(path)
     assert ranges
-    assert all(_inside(t.data_ptr(), ranges) for t in state.values())
+    assert all(inside(t.data_ptr(), ranges) for t in state.values())
     assert state["layers.0.weight"].dtype is torch.float32
 
 
@@ -114,9 +104,9 @@ def test_legacy_non_zip_checkpoints_load(cache: Cache, tmp_path: Path) -> None:
 
 
 def test_unknown_suffix_asks_for_a_loader(cache: Cache, tmp_path: Path) -> None:
-    path = tmp_path / "weights.onnx"
+    path = tmp_path / "weights.gguf"
     path.write_bytes(b"\0" * 16)
-    with pytest.raises(LoadError, match=r"weights\.onnx.*pass loader="):
+    with pytest.raises(LoadError, match=r"weights\.gguf.*pass loader="):
         _handle(path, cache).get()
 
 
@@ -224,8 +214,8 @@ def test_module_loader_adopts_the_mapped_tensors(
     assert torch.equal(net(x), reference(x))
     assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])
     assert torch.equal(net.scale, reference.scale)  # the non-persistent buffer: real values
-    ranges = _mapped_ranges(Path(cache.lookup(url) or ""))
-    assert all(_inside(p.data_ptr(), ranges) for p in net.parameters())  # no copy
+    ranges = mapped_ranges(Path(cache.lookup(url) or ""))
+    assert all(inside(p.data_ptr(), ranges) for p in net.parameters())  # no copy
     # Built on meta, then (for the buffer the file lacks) a twin with no weights. After other
     # tests ran in the process (seen after test_demo's), torch.linspace no longer follows the meta
     # device and the buffer is real from the first build: then no twin is needed.
@@ -298,8 +288,111 @@ def test_unloading_a_mapped_module_frees_its_pages(cache: Cache, tmp_path: Path)
 
     h = _handle(path, cache, loader=module_loader(lambda: Net(width, depth)), warmup=warmup)
     h.get()
-    assert _mapped_ranges(path)
+    assert mapped_ranges(path)
     Net.built.clear()  # the test's own references
     h.unload()
     assert h.status()["bytes_freed"] > 24 * MiB
-    assert _mapped_ranges(path) == []
+    assert mapped_ranges(path) == []
+
+
+# -- ONNX and sharded safetensors -------------------------------------------------------------
+
+
+def _linear_arrays(rows: int = 16, cols: int = 4) -> tuple[Any, Any]:
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    weight = generator.standard_normal((rows, cols)).astype(np.float32)
+    return weight, generator.standard_normal(cols).astype(np.float32)
+
+
+def test_an_onnx_file_loads_as_an_inference_session_on_cpu(
+    model_server: ModelServer, cache: Cache, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    weight, bias = _linear_arrays()
+    write_onnx_linear(tmp_path / "linear.onnx", weight, bias)
+    url = model_server.add("linear.onnx", tmp_path / "linear.onnx")
+
+    session = _handle(url, cache).get()
+
+    assert type(session).__name__ == "InferenceSession"
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    x = np.ones((2, 16), dtype=np.float32)
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weight + bias, rtol=1e-5)
+
+
+def test_an_onnx_model_with_external_data_loads_from_its_directory(
+    hub: HubStandIn, cache: Cache, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    weight, bias = _linear_arrays(64, 8)
+    write_onnx_linear(tmp_path / "model.onnx", weight, bias, external_data="model.onnx_data")
+    assert (tmp_path / "model.onnx_data").stat().st_size >= weight.nbytes
+    hub.push(
+        "org/linear-onnx",
+        {name: (tmp_path / name).read_bytes() for name in ("model.onnx", "model.onnx_data")}
+        | {"README.md": b"# an ONNX model with its weights beside it\n"},
+    )
+
+    session = _handle("hf://org/linear-onnx", cache).get()
+
+    x = np.arange(128, dtype=np.float32).reshape(2, 64) / 100
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weight + bias, rtol=1e-5)
+
+
+def test_onnx_without_onnxruntime_names_the_install_command(
+    cache: Cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weight, bias = _linear_arrays()
+    write_onnx_linear(tmp_path / "linear.onnx", weight, bias)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(LoadError, match=re.escape("pip install 'modelcache[onnx]'")):
+        _handle(tmp_path / "linear.onnx", cache).get()
+
+
+def _sharded_checkpoint() -> tuple[dict[str, bytes], dict[str, torch.Tensor]]:
+    """A checkpoint in two shards with its index, a stray file the index does not name."""
+    torch.manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(64, 64) for i in range(4)}
+    shards = {
+        "model-00001-of-00002.safetensors": ["layers.0.weight", "layers.1.weight"],
+        "model-00002-of-00002.safetensors": ["layers.2.weight", "layers.3.weight"],
+    }
+    files = {name: save({key: tensors[key] for key in keys}) for name, keys in shards.items()}
+    weight_map = {key: name for name, keys in shards.items() for key in keys}
+    files["model.safetensors.index.json"] = json.dumps(
+        {"metadata": {"total_size": 4 * 64 * 64 * 4}, "weight_map": weight_map}
+    ).encode()
+    files["model.fp16.safetensors"] = save({"stray": torch.zeros(2)})  # not in the index
+    files["config.json"] = b'{"layers": 4}'
+    return files, tensors
+
+
+def test_a_sharded_checkpoint_loads_as_one_mapped_state_dict(hub: HubStandIn, cache: Cache) -> None:
+    files, tensors = _sharded_checkpoint()
+    hub.push("org/sharded", files)
+
+    state = _handle("hf://org/sharded", cache).get()
+
+    assert sorted(state) == sorted(tensors)  # the index's tensors; the stray file is not read
+    assert all(torch.equal(state[k], tensors[k]) for k in tensors)
+    folder = cache.fetch("hf://org/sharded")
+    first = mapped_ranges(folder / "model-00001-of-00002.safetensors")
+    second = mapped_ranges(folder / "model-00002-of-00002.safetensors")
+    assert all(inside(state[f"layers.{i}.weight"].data_ptr(), first) for i in (0, 1))
+    assert all(inside(state[f"layers.{i}.weight"].data_ptr(), second) for i in (2, 3))
+
+
+def test_a_shard_missing_from_its_index_is_a_load_error(cache: Cache, tmp_path: Path) -> None:
+    files, _ = _sharded_checkpoint()
+    for name, data in files.items():
+        if name != "model-00002-of-00002.safetensors":
+            (tmp_path / name).write_bytes(data)
+    missing = re.escape("model-00002-of-00002.safetensors, which is missing")
+    with pytest.raises(LoadError, match=missing):
+        _handle(tmp_path, cache).get()

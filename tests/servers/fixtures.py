@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from .hub import HubStandIn
+from .olah import OlahServer
 from .proxy import FaultProxy
 from .stores import GCSBucket, S3Bucket, ServerProcess, start_gcs, start_moto
 
@@ -19,6 +20,7 @@ __all__ = [
     "gcs_server",
     "hub",
     "moto_server",
+    "olah_server",
     "s3_bucket",
     "s3_proxy",
     "store_env",
@@ -113,3 +115,13 @@ def hub(monkeypatch: pytest.MonkeyPatch, store_env: None) -> Iterator[HubStandIn
     with HubStandIn() as stand_in:
         monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
         yield stand_in
+
+
+@pytest.fixture(scope="session")
+def olah_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OlahServer]:
+    """olah (a real Hub mirror) serving git repos, one process for the session.
+
+    A test that stops it need not restart it: the next test using it does.
+    """
+    with OlahServer(tmp_path_factory.mktemp("olah")) as server:
+        yield server

@@ -25,7 +25,15 @@ from pathlib import Path
 
 from .stores import free_port
 
-__all__ = ["LFS_THRESHOLD", "OlahServer", "git_repo", "lfs_pointer"]
+__all__ = [
+    "LFS_THRESHOLD",
+    "OlahServer",
+    "git_repo",
+    "git_tag",
+    "lfs_object",
+    "lfs_pointer",
+    "tamper_lfs_object",
+]
 
 LFS_THRESHOLD = 1024
 """Files of at least this many bytes are committed as git-lfs pointers."""
@@ -90,7 +98,6 @@ def git_repo(
     for existing in _git(directory, "ls-files", "-z").split("\0"):
         if existing:
             (directory / existing).unlink()
-    objects = directory / ".git" / "lfs" / "objects"
     for relative, content in sorted(files.items()):
         target = directory / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +110,7 @@ def git_repo(
             sha256 = _file_sha256(content)
         else:
             sha256 = hashlib.sha256(content).hexdigest()
-        stored = objects / sha256[:2] / sha256[2:4] / sha256
+        stored = lfs_object(directory, sha256)
         if not stored.exists():
             stored.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, Path):
@@ -117,6 +124,26 @@ def git_repo(
     _git(directory, "add", "-A")
     _git(directory, "commit", "-q", "--allow-empty", "-m", message)
     return _git(directory, "rev-parse", "HEAD")
+
+
+def git_tag(directory: Path, name: str, commit: str) -> None:
+    """Point the tag ``name`` at ``commit`` (moving it if it exists)."""
+    _git(directory, "tag", "-f", name, commit)
+
+
+def lfs_object(directory: Path, sha256: str) -> Path:
+    """Where the repo at ``directory`` keeps the LFS object ``sha256``."""
+    return directory / ".git" / "lfs" / "objects" / sha256[:2] / sha256[2:4] / sha256
+
+
+def tamper_lfs_object(directory: Path, sha256: str, data: bytes) -> None:
+    """Make the repo serve ``data`` for the LFS object ``sha256`` (its pointer unchanged).
+
+    The object is replaced, never written in place: it may be a hard link to a package's file.
+    """
+    stored = lfs_object(directory, sha256)
+    stored.unlink()
+    stored.write_bytes(data)
 
 
 class OlahServer:
