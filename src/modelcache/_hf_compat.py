@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from . import config
-from ._planners.hub import hub_offline
+from ._planners.hub import hub_offline, hub_progress_disabled
 from .cache import Cache, Fetched
 from .cache._names import unique
 from .errors import NotCachedError
@@ -117,14 +116,13 @@ def _fetch(
     if why is None and cache.offline:
         why = "MODELCACHE_OFFLINE is set"
     options = {k: v for k, v in (("token", token), ("endpoint", endpoint)) if v is not None}
-    quiet = (config.env("HF_HUB_DISABLE_PROGRESS_BARS") or "").lower() in ("1", "true", "yes")
     try:
         return cache.fetch_details(
             url,
             storage_options={"hf": options},
             model=repo_id,
             refresh=force_download,
-            progress_bar=False if quiet else None,
+            progress_bar=False if hub_progress_disabled() else None,
         )
     except NotCachedError as error:
         reason = f"not in the cache at {cache.path} and {why or 'offline mode is on'}"

@@ -43,6 +43,7 @@ __all__ = [
     "HubLocation",
     "endpoint_for",
     "hub_offline",
+    "hub_progress_disabled",
     "parse_hub_url",
     "plan_hub",
 ]
@@ -100,6 +101,11 @@ def endpoint_for(source: Source) -> str:
 def hub_offline() -> bool:
     """Whether ``$HF_HUB_OFFLINE`` says never to touch the network (as huggingface_hub reads it)."""
     return (config.env("HF_HUB_OFFLINE") or "").lower() in _TRUE
+
+
+def hub_progress_disabled() -> bool:
+    """Whether ``$HF_HUB_DISABLE_PROGRESS_BARS`` turns progress bars off."""
+    return (config.env("HF_HUB_DISABLE_PROGRESS_BARS") or "").lower() in _TRUE
 
 
 def plan_hub(source: Source, options: TransferOptions) -> Plan:
