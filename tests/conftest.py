@@ -21,6 +21,7 @@ import pytest
 from servers.no_skips import pytest_runtest_makereport  # noqa: F401  (a skip fails)
 
 from modelcache import Cache, TransferOptions
+from modelcache._transfer import resume_progress
 
 if TYPE_CHECKING:
     from servers.proxy import FaultProxy
@@ -155,14 +156,8 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
 
 
 def part_frontier(home: Path) -> int:
-    """The largest resume frontier recorded by any writer in the cache's ``.tmp``."""
-    best = 0
-    for state in (home / ".tmp").glob("*.part.json"):
-        try:
-            best = max(best, int(json.loads(state.read_text())["frontier"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return best
+    """The most bytes a writer in the cache's ``.tmp`` recorded as written (its range map)."""
+    return max((resume_progress(part) for part in (home / ".tmp").glob("*.part")), default=0)
 
 
 WORKER = r"""

@@ -33,9 +33,9 @@ from modelcache._oci import (
     push_path,
 )
 from modelcache._oci._manifest import OCI_INDEX
+from modelcache._transfer import FatalError, TransferOptions, download
 from modelcache.sources import Source
 from modelcache.testing import ModelServer
-from modelcache.transfer import FatalError, TransferOptions, download
 
 # -- helpers ------------------------------------------------------------------------------------
 

@@ -14,10 +14,7 @@ import pytest
 from conftest import FAST, MiB, make_payload, sha
 
 from modelcache import Cache, SourceError, TransferOptions
-from modelcache.readers import HTTPReader
-from modelcache.sources import Source
-from modelcache.testing import ModelServer
-from modelcache.transfer import (
+from modelcache._transfer import (
     FatalError,
     RangeStream,
     Reader,
@@ -25,6 +22,9 @@ from modelcache.transfer import (
     download,
     read_resume_state,
 )
+from modelcache.readers import HTTPReader
+from modelcache.sources import Source
+from modelcache.testing import ModelServer
 
 
 class MemoryReader(Reader):

@@ -7,6 +7,7 @@ Fast, safely, and once: verified, resumable, locked downloads into a shared cach
 a model loads, a cloud source is read or an integration module is imported.
 """
 
+from ._transfer import TransferOptions
 from ._version import __version__
 from .cache import Cache, Entry
 from .errors import (
@@ -21,7 +22,6 @@ from .errors import (
 )
 from .handle import ModelHandle, State, Strategy
 from .registry import Registry
-from .transfer import TransferOptions
 
 __all__ = [
     "Cache",

@@ -20,15 +20,15 @@ from pathlib import Path
 from ._disk import ensure_free, is_disk_full
 from ._hashing import git_blob_id
 from ._plan import Plan, RemoteFile
-from .errors import InsufficientSpaceError, IntegrityError, SourceError
-from .transfer import (
+from ._transfer import (
     FatalError,
     Progress,
     TransferResult,
     discard_part,
     download,
-    read_resume_state,
+    resume_progress,
 )
+from .errors import InsufficientSpaceError, IntegrityError, SourceError
 
 __all__ = ["FILES_AT_ONCE", "FetchedFile", "fetch_plan"]
 
@@ -88,7 +88,7 @@ class _Job:
         directory = self.parts[0].parent
         sizes = [f.size for f in self.plan.files]
         if None not in sizes:
-            already = sum(read_resume_state(part)[0] for part in self.parts)
+            already = sum(resume_progress(part) for part in self.parts)
             ensure_free(directory, sum(s or 0 for s in sizes) - already)
         results: dict[int, FetchedFile] = {}
         errors: list[BaseException] = []

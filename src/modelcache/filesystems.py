@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ._retry import call_with_retries, parse_retry_after, retryable_status
+from ._transfer import FatalError, TransferOptions, TransientError
 from .sources import Source
-from .transfer import FatalError, TransferOptions, TransientError
 
 __all__ = [
     "EXTRAS",
@@ -49,7 +49,6 @@ SELECTION_PARAMS = ("include", "exclude")
 #: keys of ``storage_options`` that shape modelcache's transfers; never sent to the store
 TRANSFER_KEYS = ("connections", "chunk_size")
 
-_RETRY_STATUS = {408, 425, 429}
 _RETRY_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
 #: parts of exception class names that mean a connection broke (aiohttp, botocore, httpx, ...)
 _TRANSIENT_NAMES = (
@@ -180,9 +179,8 @@ def _retry_after(error: BaseException) -> float | None:
     else:
         headers = getattr(response, "headers", None) or {}
     try:
-        value = headers.get("retry-after") or headers.get("Retry-After")
-        return max(0.0, float(value)) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
+        return parse_retry_after(headers.get("retry-after") or headers.get("Retry-After"))
+    except AttributeError:  # not a mapping of headers
         return None
 
 
@@ -214,9 +212,7 @@ def classify(error: BaseException) -> FatalError | TransientError:
             return FatalError(
                 f"refused ({code or f'HTTP {status}'}): check the credentials", status or 403
             )
-        if code in _RETRY_CODES or (
-            status is not None and (status in _RETRY_STATUS or status >= 500)
-        ):
+        if code in _RETRY_CODES or (status is not None and retryable_status(status)):
             return TransientError(f"HTTP {status} {code or ''}".strip(), _retry_after(item))
         return FatalError(f"{code or f'HTTP {status}'}: {described}", status)
     if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
@@ -242,25 +238,4 @@ def retrying(
 
     Raises :class:`FatalError` when the failure is permanent or the retries are spent.
     """
-    import random
-
-    started = time.monotonic()
-    for attempt in range(options.retries + 1):
-        try:
-            return call()
-        except Exception as error:
-            sorted_error = classify(error)
-            if isinstance(sorted_error, FatalError):
-                raise FatalError(describe(sorted_error), sorted_error.status) from None
-            elapsed = time.monotonic() - started
-            if attempt >= options.retries or elapsed >= options.deadline:
-                raise FatalError(
-                    f"{describe(sorted_error)} (gave up after {attempt + 1} attempts "
-                    f"in {elapsed:.1f}s)"
-                ) from None
-            delay = min(options.max_backoff, options.backoff * 2**attempt)
-            delay *= random.uniform(0.5, 1.5)
-            if sorted_error.retry_after is not None:
-                delay = max(delay, sorted_error.retry_after)
-            time.sleep(min(delay, options.deadline - elapsed))
-    raise AssertionError("unreachable")
+    return call_with_retries(call, options, classify=classify, describe=describe)

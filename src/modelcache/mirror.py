@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ._hashing import manifest_digest
+from ._transfer import FatalError, TransferOptions
 from .errors import SourceError
 from .filesystems import open_filesystem, retrying
 from .sources import Source, SourceLike, parse_sources
-from .transfer import FatalError, TransferOptions
 
 __all__ = ["Mirrored", "mirror"]
 

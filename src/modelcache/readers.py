@@ -17,13 +17,13 @@ import re
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ._retry import parse_retry_after, retryable_status
+from ._transfer import FatalError, RangeStream, Reader, TransferOptions, TransientError
 from ._version import __version__
 from .sources import Source, redact
-from .transfer import FatalError, RangeStream, Reader, TransferOptions, TransientError
 
 __all__ = [
     "FsspecReader",
@@ -35,7 +35,6 @@ __all__ = [
     "status_error",
 ]
 
-_RETRY_STATUS = {408, 425, 429}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 _pools: dict[tuple[str | None, float, float, int, str | None], Any] = {}
@@ -50,21 +49,6 @@ def open_reader(source: Source, options: TransferOptions) -> Reader:
 
     fs, path = open_filesystem(source)
     return FsspecReader(fs, path)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        import time
-
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 _QUERY_VALUE = re.compile(r"(?P<name>[?&][^=&\s\"']+=)[^&\s\"'#]*")
@@ -301,9 +285,9 @@ def send(
 
 
 def status_error(status: int, headers: Mapping[str, str]) -> TransientError | FatalError:
-    """The error an HTTP status means: 408/425/429/5xx are retried, the rest are not."""
-    if status in _RETRY_STATUS or status >= 500:
-        return TransientError(f"HTTP {status}", _retry_after(headers.get("Retry-After")))
+    """The error an HTTP status means: the retryable ones are retried, the rest are not."""
+    if retryable_status(status):
+        return TransientError(f"HTTP {status}", parse_retry_after(headers.get("Retry-After")))
     if status in (401, 403):
         return FatalError(f"refused (HTTP {status}): check the credentials", status)
     if status in (404, 410):

@@ -34,8 +34,9 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from modelcache import config
+from modelcache._retry import retryable_status
+from modelcache._transfer import FatalError, TransientError
 from modelcache.sources import redact
-from modelcache.transfer import FatalError, TransientError
 
 __all__ = [
     "Authenticator",
@@ -347,7 +348,7 @@ class Authenticator:
             status, _, body = self._send("GET", realm + sep + urlencode(query), headers, None)
         if status in (401, 403):
             raise FatalError(self.refusal(), status)
-        if status == 429 or status >= 500:
+        if retryable_status(status):
             raise TransientError(f"the token service of {self._registry} answered HTTP {status}")
         if status != 200:
             raise FatalError(

@@ -3,7 +3,7 @@
 It speaks through the process's shared urllib3 pool (``readers.pool_for``: proxies from the
 environment, keep-alive, a private CA when given), answers authentication challenges through
 :class:`~._auth.Authenticator`, and sorts failures the way every reader does
-(``readers.status_error``: 408/429/5xx are :class:`TransientError`, retried by
+(``readers.status_error``: ``_retry``'s retryable statuses are :class:`TransientError`, retried by
 ``filesystems.retrying`` for requests and by the transfer engine for blob bytes).
 
 Options (``storage_options={"oci": {...}}``): ``username`` / ``password``; ``plain_http``
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
+from modelcache._transfer import FatalError, RangeStream, Reader, TransferOptions
 from modelcache._version import __version__
 from modelcache.filesystems import TRANSFER_KEYS, retrying
 from modelcache.readers import HTTPReader, discard, pool_for, send, status_error
 from modelcache.sources import Source
-from modelcache.transfer import FatalError, RangeStream, Reader, TransferOptions
 
 from ._auth import Authenticator, credentials_for, pull_scope, push_scope
 from ._manifest import (
@@ -273,7 +273,7 @@ class RegistryClient:
         )
 
     def blob_reader(self, repository: str, layer: Layer, transfer: TransferOptions) -> BlobReader:
-        """A :class:`~modelcache.transfer.Reader` of one layer, for the transfer engine."""
+        """A :class:`~modelcache._transfer.Reader` of one layer, for the transfer engine."""
         return BlobReader(self, repository, layer, transfer)
 
     # -- writing --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelcache._plan import Selection
-from modelcache.transfer import FatalError
+from modelcache._transfer import FatalError
 
 from ._reference import Reference
 

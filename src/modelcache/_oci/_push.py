@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelcache.transfer import FatalError, TransferOptions
+from modelcache._transfer import FatalError, TransferOptions
 
 from ._client import RegistryClient
 from ._manifest import ANNOTATION_TITLE, OCI_MANIFEST, DigestError

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from modelcache._plan import Plan, RemoteFile
+from modelcache._transfer import Reader, TransferOptions
 from modelcache.readers import HTTPReader
 from modelcache.sources import Source
-from modelcache.transfer import Reader, TransferOptions
 
 __all__ = ["plan_http"]
 

@@ -31,11 +31,11 @@ from urllib.parse import urlsplit
 
 from modelcache import config
 from modelcache._plan import Plan, RemoteFile, Selection
+from modelcache._transfer import FatalError, Reader, TransferOptions
 from modelcache.errors import NotCachedError
 from modelcache.filesystems import classify, require_extra, retrying, transfer_options
 from modelcache.readers import HTTPReader
 from modelcache.sources import Source, parse_hf_url
-from modelcache.transfer import FatalError, Reader, TransferOptions
 
 __all__ = [
     "DEFAULT_ENDPOINT",

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 from modelcache._oci import BlobReader, DigestError, Layer, RegistryClient, parse_reference
 from modelcache._plan import Plan, RemoteFile
+from modelcache._transfer import FatalError, RangeStream, Reader, TransferOptions
 from modelcache.errors import IntegrityError
 from modelcache.filesystems import transfer_options
 from modelcache.sources import Source
-from modelcache.transfer import FatalError, RangeStream, Reader, TransferOptions
 
 __all__ = ["plan_oci"]
 

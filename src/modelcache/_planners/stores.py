@@ -28,10 +28,10 @@ from typing import Any
 from urllib.parse import urlencode
 
 from modelcache._plan import Plan, RemoteFile, Selection
+from modelcache._transfer import FatalError, RangeStream, Reader, TransferOptions
 from modelcache.filesystems import classify, open_filesystem, retrying, transfer_options
 from modelcache.readers import FsspecReader, HTTPReader
 from modelcache.sources import Source
-from modelcache.transfer import FatalError, RangeStream, Reader, TransferOptions
 
 __all__ = [
     "S3_CHUNK",

@@ -23,6 +23,7 @@ from modelcache._hashing import hash_file, manifest_digest, normalize_sha256
 from modelcache._plan import Plan, RemoteFile
 from modelcache._planners import plan as plan_source
 from modelcache._posix import FileLock, Leases, Probe, probe_lock
+from modelcache._transfer import FatalError, Progress, TransferOptions, discard_part
 from modelcache.errors import (
     IntegrityError,
     ModelCacheError,
@@ -30,7 +31,6 @@ from modelcache.errors import (
     SourceError,
 )
 from modelcache.sources import Source, SourceLike, parse_sources
-from modelcache.transfer import FatalError, Progress, TransferOptions, discard_part
 
 from ._entries import Entry, Fetched, Problem
 from ._layout import Layer, Ref

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from modelcache._posix import FileLock, writer_alive
+from modelcache._transfer import resume_progress
 from modelcache.errors import LockTimeoutError, SourceError
-from modelcache.transfer import read_resume_state
 
 from ._names import unique
 
@@ -73,11 +73,9 @@ def _writer_activity(tmp: Path, key: str) -> float:
 def claim_part(tmp: Path, prefix: str) -> Path:
     """A part file unique to this writer, taking over the best one a dead writer left."""
     mine = tmp / f"{prefix}.{unique()}.part"
-    leftovers = sorted(
-        tmp.glob(f"{prefix}.*.part"), key=lambda p: read_resume_state(p)[0], reverse=True
-    )
+    leftovers = sorted(tmp.glob(f"{prefix}.*.part"), key=resume_progress, reverse=True)
     for leftover in leftovers:
-        if read_resume_state(leftover)[0] <= 0 or writer_alive(leftover):
+        if resume_progress(leftover) <= 0 or writer_alive(leftover):
             continue
         try:
             os.rename(leftover, mine)
@@ -86,7 +84,7 @@ def claim_part(tmp: Path, prefix: str) -> Path:
         for state in leftover.parent.glob(f"{leftover.name}.*"):  # its resume records
             with contextlib.suppress(OSError):
                 os.rename(state, mine.with_name(mine.name + state.name[len(leftover.name) :]))
-        log.info("resuming %s from byte %d", prefix[:16], read_resume_state(mine)[0])
+        log.info("resuming %s with %d bytes kept", prefix[:16], resume_progress(mine))
         break
     for stale in tmp.glob(f"{prefix}.*"):
         if stale.name.startswith(mine.name):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 
 from modelcache import config
-from modelcache.transfer import Progress
+from modelcache._transfer import Progress
 
 __all__ = ["progress_bar"]
 

@@ -1,0 +1,244 @@
+"""The engine: one remote file into a local part file, resumed, hashed in order, retried.
+
+A download starts with one ranged request for its first chunks, read by one stream
+(:mod:`._stream`). That request's rate decides the rest. At least
+``TransferOptions.split_below``: one more request streams the rest the same way. Slower (origins
+and CDNs that cap each connection): the rest is fetched as chunks by several workers at once
+(:mod:`._ranges`). Every request is bounded or read to its end, so no byte leaves the origin
+twice.
+
+Every byte written is recorded in the range map beside the part file (:mod:`._resume`), so a
+download killed at any point resumes with only the missing ranges: each pass over the file asks
+for the first missing range (with the recorded validator, so a changed file starts again from
+byte 0 instead of being spliced), and the ranges kept from before are hashed from disk when the
+in-order hash reaches them.
+
+Readers (one per kind of source) only know how to open a byte range; the engine owns retries,
+ordering, hashing, progress and cancellation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelcache._retry import Cancelled, RetryBudget, TransientError
+
+from ._options import TransferOptions
+from ._part import Part, Progress
+from ._ranges import Chunk, OriginChanged, RangesRefused, fetch_ranges
+from ._reader import RangeStream, Reader, close_quietly
+from ._resume import RangeMap, saving
+from ._stream import stream_through
+
+__all__ = ["TransferResult", "download"]
+
+_PROBE_CHUNKS = 2  # a first ranged request of this many chunks measures the origin's rate
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What a finished download produced."""
+
+    size: int
+    sha256: str
+    etag: str | None
+    fetched: int
+
+
+def download(
+    reader: Reader,
+    part: Path,
+    *,
+    options: TransferOptions,
+    progress: Progress | None = None,
+    on_size: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> TransferResult:
+    """Fetch the reader's file into ``part``, keeping what its range map says is written.
+
+    ``on_size(total, already)`` is called once the size is known (to check free space).
+    Raises :class:`FatalError` (including when retries are spent, and :class:`Cancelled`),
+    :class:`OSError` for local failures, and ``KeyboardInterrupt``/``SystemExit`` untouched.
+    """
+    ranges = RangeMap.load(part)
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o664)
+    try:
+        # held while this writer lives: nobody takes over a part file that is still written
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Never truncated to zero here: ext4 (auto_da_alloc) then starts writing the file back
+        # as it is written, which halved throughput. Stale bytes outside the recorded ranges
+        # are simply overwritten, and a stale tail is cut off once the download is complete.
+        job = _Job(reader, Part(fd, ranges, progress, cancel or threading.Event()), options)
+        job.on_size = on_size
+        with saving(ranges):
+            return job.run()
+    finally:
+        os.close(fd)
+
+
+class _Mode(enum.Enum):
+    PROBE = "the next request measures the origin's rate"
+    ONE_STREAM = "one request per missing range"
+    PARALLEL = "missing ranges as chunks fetched by parallel workers"
+
+
+class _Job:
+    def __init__(self, reader: Reader, part: Part, options: TransferOptions) -> None:
+        self.reader = reader
+        self.part = part
+        self.options = options
+        self.budget = RetryBudget(options, part.cancel)
+        self.chunk = reader.chunk_size or options.chunk_size
+        self.on_size: Callable[[int, int], None] | None = None
+        self._size_checked = False
+        if options.connections == 1 or options.split_below == 0:
+            self.mode = _Mode.ONE_STREAM
+        elif options.split_below == float("inf"):
+            self.mode = _Mode.PARALLEL
+        else:
+            self.mode = _Mode.PROBE
+
+    def run(self) -> TransferResult:
+        """Passes over the file until nothing is missing, retrying transient failures."""
+        while True:
+            if self.part.cancel.is_set():
+                raise Cancelled
+            try:
+                try:
+                    while self._pass():
+                        pass
+                finally:
+                    with contextlib.suppress(OSError):
+                        self.part.ranges.save()  # whatever ends a pass, the next one resumes here
+                return self._finish()
+            except TransientError as error:
+                if isinstance(error, OriginChanged):
+                    self.part.restart()
+                if isinstance(error, RangesRefused):
+                    self.mode = _Mode.ONE_STREAM
+                self.budget.wait(error)
+
+    def _finish(self) -> TransferResult:
+        part, size = self.part, self.part.ranges.size
+        assert size is not None  # a pass ends the download only once the size is known
+        part.hash_kept(size)
+        if os.fstat(part.fd).st_size > size:
+            os.ftruncate(part.fd, size)  # the tail of an older version
+        part.ranges.save()
+        return TransferResult(size, part.hasher.hexdigest(), part.ranges.etag, part.fetched)
+
+    def _pass(self) -> bool:
+        """One request at the first missing byte (and the chunks after it when parallel).
+
+        False when nothing is missing.
+        """
+        ranges = self.part.ranges
+        gaps = ranges.gaps(self.part.hashed, ranges.size)
+        if not gaps:
+            return False
+        start, gap_end = gaps[0]
+        end = None if gap_end == ranges.size else gap_end  # (the last gap: to the end)
+        if self.mode is _Mode.PARALLEL:
+            end = _min(start + self.chunk, gap_end)
+        elif self.mode is _Mode.PROBE:
+            end = _min(start + _PROBE_CHUNKS * self.chunk, gap_end)
+        stream = self.reader.open(start, end, ranges.etag)
+        try:
+            if self._take_version(stream, start):
+                start = 0
+        except BaseException:
+            close_quietly(stream)
+            raise
+        if not stream.ranged:
+            end = None  # the origin sent the whole file: read all of it
+        if self.mode is _Mode.PARALLEL and stream.ranged and ranges.size is not None:
+            assert end is not None
+            first = (start, min(end, ranges.size))
+            self._fetch_ranges(stream, [first, *self._chunks(first[1])])
+            return True
+        ended, rate = stream_through(self.part, stream, end, self.options.piece_size, self.budget)
+        self._check_end(ended, end)
+        if self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None:
+            assert end is not None
+            if rate is not None and rate < self.options.split_below:
+                self.mode = _Mode.PARALLEL  # a per-connection cap: the rest in parallel
+                self._fetch_ranges(None, self._chunks(ended))
+            elif rate is not None or end - start == _PROBE_CHUNKS * self.chunk:
+                self.mode = _Mode.ONE_STREAM  # a fast origin (or too fast to measure)
+            # else: too few bytes to tell (a short gap): the next request measures again
+        return True
+
+    def _take_version(self, stream: RangeStream, start: int) -> bool:
+        """Check the answer is the version recorded, and record its validator and size.
+
+        True when the answer is a fresh copy from byte 0 (the origin ignored the range, or the
+        file changed and the origin said so by sending all of it): everything kept is dropped.
+        Raises :class:`OriginChanged` when another version answered a ranged request.
+        """
+        ranges = self.part.ranges
+        restarted = stream.start != start
+        if restarted:
+            if stream.start != 0:
+                raise TransientError(f"asked for byte {start}, the origin sent {stream.start}")
+            self.part.restart()
+        changed = (
+            (ranges.etag is not None and stream.etag not in (None, ranges.etag))
+            or (ranges.size is not None and stream.size not in (None, ranges.size))
+            or (stream.size is not None and ranges.extent > stream.size)
+        )
+        if changed and ranges.done:
+            raise OriginChanged("the file changed at the origin; starting again")
+        if stream.etag is not None:
+            ranges.etag = stream.etag
+        if stream.size is not None:
+            ranges.size = stream.size
+            if self.on_size is not None and not self._size_checked:
+                self._size_checked = True
+                self.on_size(stream.size, ranges.done)
+        return restarted
+
+    def _check_end(self, ended: int, end: int | None) -> None:
+        """A stream that ended before ``end``: the end of the file, or a connection cut."""
+        ranges = self.part.ranges
+        if ranges.size is None:
+            if end is None or ended < end:
+                ranges.size = ended  # the origin never said: this is where the file ends
+        elif ended < (ranges.size if end is None else min(end, ranges.size)):
+            raise TransientError(f"connection closed at byte {ended} of {ranges.size}")
+
+    def _chunks(self, start: int) -> list[Chunk]:
+        """Every missing range after ``start``, cut into chunks."""
+        size = self.part.ranges.size
+        return [
+            (first, min(first + self.chunk, last))
+            for begin, last in self.part.ranges.gaps(start, size)
+            if last is not None
+            for first in range(begin, last, self.chunk)
+        ]
+
+    def _fetch_ranges(self, first: RangeStream | None, chunks: list[Chunk]) -> None:
+        if not chunks:
+            close_quietly(first)
+            return
+        fetch_ranges(
+            self.part,
+            self.reader,
+            first,
+            chunks,
+            connections=self.options.connections,
+            chunk_size=self.chunk,
+            piece_size=self.options.piece_size,
+            budget=self.budget,
+        )
+
+
+def _min(value: int, limit: int | None) -> int:
+    return value if limit is None else min(value, limit)

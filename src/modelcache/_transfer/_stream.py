@@ -1,0 +1,127 @@
+"""One stream: a thread reads the response into reusable buffers and writes each where it
+belongs, while the hasher thread (the caller) hashes the buffers in order.
+
+The file is never read twice and reading overlaps hashing; the buffers bound the memory.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+from modelcache._retry import Cancelled, RetryBudget
+
+from ._options import MiB
+from ._part import Part, handed_over
+from ._reader import RangeStream, close_quietly
+
+__all__ = ["stream_through"]
+
+_HAND_OVER = 0.25  # seconds a partly filled buffer waits before it is hashed anyway
+_BUFFERED = 4 * MiB  # bytes of reusable buffers between the reading thread and the hasher
+
+
+class _End:
+    """The reading thread's last item: where the stream ended."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+
+def stream_through(
+    part: Part, stream: RangeStream, end: int | None, piece_size: int, budget: RetryBudget
+) -> tuple[int, float | None]:
+    """Read ``stream`` to its end or to byte ``end``, hashing here while a thread reads and writes.
+
+    Bytes of ``[part.hashed, stream.start)`` must be written already: they are hashed from disk
+    first. Returns where the stream ended and the rate it ran at in bytes per second (``None``:
+    too quick to tell). The stream is closed whatever happens.
+    """
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(max(2, _BUFFERED // piece_size)):
+        free.put(bytearray(piece_size))
+    filled: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    stop = threading.Event()
+    reader = threading.Thread(
+        target=_read,
+        args=(part, stream, end, free, filled, stop, budget),
+        daemon=True,
+        name="modelcache-stream",
+    )
+    reader.start()
+    first: tuple[float, int] | None = None  # when the first fresh bytes were hashed, and where
+    last = 0.0
+    try:
+        part.hash_kept(stream.start)
+        while True:
+            item = handed_over(lambda timeout: filled.get(timeout=timeout), part.cancel)
+            if isinstance(item, _End):
+                ended = item.position
+                break
+            data, buffer = item
+            part.hash(data)
+            free.put(buffer)
+            last = time.monotonic()
+            if first is None:
+                first = (last, part.hashed)
+    finally:
+        stop.set()
+        close_quietly(stream)
+        reader.join()
+    if part.cancel.is_set():
+        raise Cancelled
+    if first is None or last - first[0] < 0.005:
+        return ended, None
+    return ended, (part.hashed - first[1]) / (last - first[0])
+
+
+def _read(
+    part: Part,
+    stream: RangeStream,
+    end: int | None,
+    free: queue.SimpleQueue[bytearray],
+    filled: queue.SimpleQueue[Any],
+    stop: threading.Event,
+    budget: RetryBudget,
+) -> None:
+    """The reading thread: fill free buffers, write them in place, queue them in order."""
+    position = stream.start
+    pieces = None if stream.readinto is not None else iter(stream.pieces)
+    try:
+        while not stop.is_set() and not part.cancel.is_set():
+            if end is not None and position >= end:
+                break
+            try:
+                buffer = free.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            want = len(buffer) if end is None else min(len(buffer), end - position)
+            if pieces is None:
+                data: bytes | memoryview = _fill(stream, memoryview(buffer)[:want])
+            else:
+                data = next(pieces, b"")[: end - position if end is not None else None]
+            if not data:
+                break
+            position = part.store(data, position)
+            filled.put((data, buffer))
+            budget.progressed()
+        filled.put(_End(position))
+    except BaseException as error:  # handed to the hashing thread, which raises it
+        filled.put(error)
+
+
+def _fill(stream: RangeStream, view: memoryview) -> memoryview:
+    """Read into ``view`` until it is full, the body ends, or a moment passed."""
+    assert stream.readinto is not None
+    got = 0
+    began = time.monotonic()
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+        if time.monotonic() - began >= _HAND_OVER:
+            break
+    return view[:got]

@@ -1,0 +1,389 @@
+"""Resume of every kind of transfer: real processes killed with SIGKILL, real servers.
+
+The origin is the project's Range-capable server on 127.0.0.1, capped per connection so a
+download takes a few seconds, and its byte counter says what the next fetch asked for again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+from conftest import FAST, MiB, Worker, code_blocks, make_payload, sha, wait_for
+
+from modelcache import Cache
+from modelcache._transfer import (
+    RangeStream,
+    Reader,
+    TransferOptions,
+    discard_part,
+    download,
+    read_resume_state,
+    resume_progress,
+)
+from modelcache._transfer._resume import map_path
+from modelcache.readers import HTTPReader
+from modelcache.sources import Source
+from modelcache.testing import ModelServer
+
+#: a split download: the first request (two chunks) measures a capped origin, the rest is
+#: fetched by four connections at once
+SPLIT = replace(FAST, connections=4, chunk_size=512 * 1024)
+#: one stream from the first byte to the last
+SINGLE = replace(FAST, connections=1)
+
+
+class Watcher:
+    """Polls a cache directory while downloads run: a data file outside the hidden directories
+    (``.tmp``, ``.locks``, ...) that is not whole is a partial file seen at a final path."""
+
+    def __init__(self, home: Path, data: bytes) -> None:
+        self.home = home
+        self.size = len(data)
+        self.digest = sha(data)
+        self.seen: dict[Path, str] = {}
+        self.partial: list[tuple[Path, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._look()  # once more, after the last fetch returned
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self._look()
+
+    def _look(self) -> None:
+        for path in self._candidates():
+            try:
+                size = path.stat().st_size
+                if size != self.size:
+                    self.partial.append((path, size))
+                elif path not in self.seen:
+                    self.seen[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                continue  # removed between the listing and the look (a loser's copy)
+
+    def _candidates(self) -> Iterator[Path]:
+        for root, dirs, files in os.walk(self.home):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                if not name.endswith(".json"):  # the data: blobs, and refs' links to them
+                    yield Path(root) / name
+
+
+def _kill_at(
+    worker: Worker, reached: Callable[[], bool], what: str, server: ModelServer, name: str
+) -> None:
+    """SIGKILL the worker once ``reached()``; return when the server stopped sending to it."""
+    wait_for(reached, timeout=60, what=what)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    # a capped response may write another block to the dead socket before it notices
+    last = [-1, time.monotonic()]
+
+    def settled() -> bool:
+        sent = server.count(name)[1]
+        if sent != last[0]:
+            last[:] = [sent, time.monotonic()]
+        return time.monotonic() - last[1] > 0.3
+
+    wait_for(settled, what="the origin to notice the kill")
+
+
+def _parts(home: Path) -> list[Path]:
+    return sorted((home / ".tmp").glob("*.part"))
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL at half the file: the next fetch asks for little more than the other half
+
+
+@pytest.mark.parametrize(
+    ("options", "size", "rate"),
+    [(SPLIT, 24 * MiB, 1 * MiB), (SINGLE, 12 * MiB, 2 * MiB)],
+    ids=["split", "single-stream"],
+)
+def test_sigkill_at_half_then_resume_fetches_at_most_0_6x(
+    modelcache_home: Path,
+    model_server: ModelServer,
+    spawn: Callable[..., Worker],
+    options: TransferOptions,
+    size: int,
+    rate: int,
+) -> None:
+    data = make_payload(size, seed=5)
+    url = model_server.add("half.bin", data)
+    model_server.set_rate("half.bin", rate)  # per connection, like a CDN
+    with Watcher(modelcache_home, data) as watcher:
+        first = spawn(modelcache_home, url, options, sha256=sha(data))
+        _kill_at(
+            first,
+            lambda: model_server.count("half.bin")[1] >= size // 2,
+            "the origin to send half the file",
+            model_server,
+            "half.bin",
+        )
+        if options.connections > 1:  # it did split: more than one range was asked for
+            assert model_server.count("half.bin")[0] > 2
+        assert Cache(modelcache_home).entries() == []
+
+        model_server.set_rate("half.bin", None)
+        model_server.reset_counts()
+        second = spawn(modelcache_home, url, options, sha256=sha(data))
+        path = Path(second.result()["path"])
+    _, sent = model_server.count("half.bin")
+    assert sent <= 0.6 * size, f"fetched {sent / size:.2f}x of the file again"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha(data)
+    assert watcher.partial == []
+    assert watcher.seen[path] == sha(data)  # the watcher did see the finished file
+    assert set(watcher.seen.values()) == {sha(data)}
+    assert _parts(modelcache_home) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# out of order: ranges finished beyond a gap survive a kill
+
+STALLED_WORKER = r"""
+import json, sys, threading
+from pathlib import Path
+from modelcache._transfer import TransferOptions, download
+from modelcache.readers import HTTPReader
+from modelcache.sources import Source
+
+args = json.loads(sys.argv[1])
+
+
+class FirstRangeStalls(HTTPReader):
+    # The body of the range at byte 0 never comes (a stuck connection); the others do.
+    def open(self, start, end, etag):
+        stream = super().open(start, end, etag)
+        if start == 0:
+            stream.pieces = iter(lambda: threading.Event().wait(), None)
+            stream.readinto = None
+        return stream
+
+
+reader = FirstRangeStalls(Source.parse(args["url"]), TransferOptions(**args["options"]))
+download(reader, Path(args["part"]), options=TransferOptions(**args["options"]))
+"""
+
+
+def test_ranges_finished_beyond_a_gap_survive_a_kill(
+    tmp_path: Path, model_server: ModelServer
+) -> None:
+    chunk, size = MiB, 8 * MiB
+    data = make_payload(size, seed=6)
+    url = model_server.add("gap.bin", data)
+    part = tmp_path / "gap.part"
+    options = replace(FAST, connections=4, chunk_size=chunk, split_below=float("inf"))
+    script = tmp_path / "stalled.py"
+    script.write_text(STALLED_WORKER)
+    args = {"url": url, "part": str(part), "options": asdict(options)}
+    worker = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(args)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # chunk 0 stalls; the other workers finish chunks 1-3, then wait (they may run only
+        # four chunks ahead of the in-order hash, which waits for chunk 0)
+        wait_for(lambda: resume_progress(part) >= 3 * chunk, what="three chunks past the gap")
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.communicate(timeout=10)
+    assert RangeMapOnDisk(part).done == [[chunk, 4 * chunk]]
+
+    model_server.reset_counts()
+    reader = CountingReader(HTTPReader(Source.parse(url), options))
+    result = download(reader, part, options=options)
+    assert result.sha256 == sha(data)
+    assert part.read_bytes() == data
+    _, sent = model_server.count("gap.bin")
+    assert sent == size - 3 * chunk  # the gap and the rest, nothing twice
+    assert result.fetched == size - 3 * chunk
+    assert all(not (chunk <= start < 4 * chunk) for start, _ in reader.opened)
+
+
+class RangeMapOnDisk:
+    """The range map file as JSON, read the way a person debugging a download would."""
+
+    def __init__(self, part: Path) -> None:
+        record = json.loads(map_path(part).read_text())
+        self.done: list[list[int]] = record["done"]
+        self.size: int | None = record["size"]
+        self.etag: str | None = record["etag"]
+
+
+class CountingReader(Reader):
+    """Passes every request on to a real reader and notes which ranges were asked for."""
+
+    def __init__(self, inner: Reader) -> None:
+        self.inner = inner
+        self.chunk_size = inner.chunk_size
+        self.opened: list[tuple[int, int | None]] = []
+
+    def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+        self.opened.append((start, end))
+        return self.inner.open(start, end, etag)
+
+
+# ---------------------------------------------------------------------------------------------
+# the validator: a file changed between the kill and the resume is fetched anew, not spliced
+
+
+def test_a_new_version_after_a_kill_of_a_split_download_is_not_spliced(
+    modelcache_home: Path, model_server: ModelServer, spawn: Callable[..., Worker]
+) -> None:
+    size = 12 * MiB
+    old, new = make_payload(size, seed=7), make_payload(size, seed=8)  # same size, new ETag
+    url = model_server.add("moving.bin", old)
+    model_server.set_rate("moving.bin", 1 * MiB)
+    worker = spawn(modelcache_home, url, SPLIT)
+    _kill_at(
+        worker,
+        lambda: sum(resume_progress(p) for p in _parts(modelcache_home)) >= size // 3,
+        "a third of the old version",
+        model_server,
+        "moving.bin",
+    )
+    (part,) = _parts(modelcache_home)
+    kept = RangeMapOnDisk(part)
+    assert len(kept.done) >= 1
+    assert kept.etag
+
+    model_server.add("moving.bin", new)
+    model_server.set_rate("moving.bin", None)
+    model_server.reset_counts()
+    got = Cache(modelcache_home, transfer=SPLIT).fetch_details(url)
+    assert got.sha256 == sha(new)
+    assert got.path.read_bytes() == new
+    if_range = [h.get("If-Range") for _, h in model_server.request_headers]
+    assert if_range[0] == kept.etag  # the resume asked for the old version only...
+    _, sent = model_server.count("moving.bin")
+    assert sent == size  # ...and got all of the new one, once
+
+
+def test_a_changed_size_restarts_from_zero(tmp_path: Path, model_server: ModelServer) -> None:
+    old, new = make_payload(4 * MiB, seed=9), make_payload(3 * MiB, seed=10)
+    url = model_server.add("shrunk.bin", old)
+    part = tmp_path / "shrunk.part"
+    reader = HTTPReader(Source.parse(url), SINGLE)
+    download(reader, part, options=SINGLE)
+    record = json.loads(map_path(part).read_text())
+    record["done"] = [[0, 2 * MiB]]  # as if killed at half, ETag forgotten
+    record["etag"] = None
+    map_path(part).write_text(json.dumps(record))
+    model_server.add("shrunk.bin", new)
+    result = download(HTTPReader(Source.parse(url), SINGLE), part, options=SINGLE)
+    assert result.sha256 == sha(new)
+    assert part.read_bytes() == new
+
+
+# ---------------------------------------------------------------------------------------------
+# the range map file itself
+
+
+def test_the_range_map_is_always_whole_for_a_reader(
+    tmp_path: Path, model_server: ModelServer
+) -> None:
+    data = make_payload(8 * MiB, seed=11)
+    url = model_server.add("watched.bin", data)
+    model_server.set_rate("watched.bin", 2 * MiB)
+    part = tmp_path / "watched.part"
+    options = replace(SPLIT, split_below=float("inf"))
+    reads: list[int] = []
+    broken: list[str] = []
+    stop = threading.Event()
+
+    def read_the_map() -> None:
+        while not stop.is_set():
+            try:
+                text = map_path(part).read_text()
+            except FileNotFoundError:
+                continue
+            finally:
+                stop.wait(0.001)
+            try:
+                reads.append(len(json.loads(text)["done"]))
+            except ValueError:
+                broken.append(text)
+
+    watcher = threading.Thread(target=read_the_map, daemon=True)
+    watcher.start()
+    try:
+        result = download(HTTPReader(Source.parse(url), options), part, options=options)
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.sha256 == sha(data)
+    assert broken == []
+    assert len(reads) > 10  # it was read while written, often
+    assert read_resume_state(part) == (len(data), result.etag, len(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[: len(text) // 2],  # cut short
+        lambda text: "\x00" * len(text),  # zeros (a crash of the filesystem)
+        lambda text: text.replace('"done":[[', '"done":[["x",'),  # nonsense ranges
+        lambda text: json.dumps({"frontier": 123}),  # another format
+        lambda text: text.replace('"boot":"', '"boot":"another-boot-'),  # written before a reboot
+    ],
+    ids=["truncated", "zeros", "nonsense", "other-format", "other-boot"],
+)
+def test_a_damaged_range_map_counts_as_empty(
+    tmp_path: Path, model_server: ModelServer, damage: Callable[[str], str]
+) -> None:
+    data = make_payload(2 * MiB, seed=12)
+    url = model_server.add("damaged.bin", data)
+    part = tmp_path / "damaged.part"
+    download(HTTPReader(Source.parse(url), SINGLE), part, options=SINGLE)
+    assert resume_progress(part) == len(data)
+    map_path(part).write_text(damage(map_path(part).read_text()))
+    assert resume_progress(part) == 0
+
+    model_server.reset_counts()
+    result = download(HTTPReader(Source.parse(url), SINGLE), part, options=SINGLE)
+    assert result.sha256 == sha(data)
+    assert model_server.count("damaged.bin")[1] == len(data)  # fetched again, from zero
+    assert resume_progress(part) == len(data)  # and recorded anew
+
+
+def test_discard_part_removes_the_part_and_its_map(tmp_path: Path) -> None:
+    part = tmp_path / "x.part"
+    part.write_bytes(b"abc")
+    map_path(part).write_text("{}")
+    discard_part(part)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_documented_range_map_is_the_real_one(
+    tmp_path: Path, model_server: ModelServer
+) -> None:
+    data = make_payload(MiB, seed=13)
+    part = tmp_path / "doc.part"
+    download(
+        HTTPReader(Source.parse(model_server.add("doc.bin", data)), SINGLE), part, options=SINGLE
+    )
+    (example,) = code_blocks("cache.md", "js")
+    documented = json.loads(example)
+    real = json.loads(map_path(part).read_text())
+    assert set(documented) == set(real)
+    assert real["done"] == [[0, len(data)]]
+    assert (real["size"], real["format"]) == (len(data), documented["format"])
