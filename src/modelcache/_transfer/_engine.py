@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelcache._posix import probe_lock
 from modelcache._retry import Cancelled, RetryBudget, TransientError
 
 from ._options import TransferOptions
@@ -71,8 +71,7 @@ def download(
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o664)
     try:
         # held while this writer lives: nobody takes over a part file that is still written
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        probe_lock(fd)
         # Never truncated to zero here: ext4 (auto_da_alloc) then starts writing the file back
         # as it is written, which halved throughput. Stale bytes outside the recorded ranges
         # are simply overwritten, and a stale tail is cut off once the download is complete.
