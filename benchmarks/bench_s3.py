@@ -70,8 +70,8 @@ if how.startswith("modelcache"):
         options.update(connections=4, chunk_size=16 << 20)
         transfer = TransferOptions(split_below=float("inf"))
     cache = Cache(target, read_only_paths=[], offline=False, transfer=transfer)
-    from modelcache.filesystems import open_filesystem
-    from modelcache.sources import Source
+    from modelcache._filesystems import open_filesystem
+    from modelcache._sources import Source
     fs, _ = open_filesystem(Source.parse(f"s3://{bucket}/{key}", options))  # client set up
     fs.ls(bucket)
     def fetch():

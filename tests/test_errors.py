@@ -20,8 +20,8 @@ from modelcache import (
     NotReadyError,
     SourceError,
 )
+from modelcache._sources import Source
 from modelcache.errors import in_context, shorten
-from modelcache.sources import Source
 from modelcache.testing import ModelServer
 
 ALL = [

@@ -33,8 +33,8 @@ from modelcache._oci import (
     push_path,
 )
 from modelcache._oci._manifest import OCI_INDEX
+from modelcache._sources import Source
 from modelcache._transfer import FatalError, TransferOptions, download
-from modelcache.sources import Source
 from modelcache.testing import ModelServer
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import pytest
 from conftest import FAST, MiB, Worker, code_blocks, make_payload, sha, wait_for
 
 from modelcache import Cache
+from modelcache._readers import HTTPReader
+from modelcache._sources import Source
 from modelcache._transfer import (
     RangeStream,
     Reader,
@@ -32,8 +34,6 @@ from modelcache._transfer import (
     resume_progress,
 )
 from modelcache._transfer._resume import map_path
-from modelcache.readers import HTTPReader
-from modelcache.sources import Source
 from modelcache.testing import ModelServer
 
 #: a split download: the first request (two chunks) measures a capped origin, the rest is
@@ -164,8 +164,8 @@ STALLED_WORKER = r"""
 import json, sys, threading
 from pathlib import Path
 from modelcache._transfer import TransferOptions, download
-from modelcache.readers import HTTPReader
-from modelcache.sources import Source
+from modelcache._readers import HTTPReader
+from modelcache._sources import Source
 
 args = json.loads(sys.argv[1])
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import FAST, make_payload
 
 from modelcache import Cache, SourceError
+from modelcache._filesystems import retrying
 from modelcache._retry import (
     RETRYABLE_STATUSES,
     Cancelled,
@@ -21,7 +22,6 @@ from modelcache._retry import (
     call_with_retries,
     parse_retry_after,
 )
-from modelcache.filesystems import retrying
 from modelcache.testing import ModelServer
 
 NOW = 1_700_000_000.0

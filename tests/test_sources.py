@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcache.sources import Source, parse_hf_url, parse_sources, redact
+from modelcache._sources import Source, parse_hf_url, parse_sources, redact
 
 SIGNED = (
     "https://bob:pa55word@Bucket.S3.amazonaws.com:443/models/tiny.pt"

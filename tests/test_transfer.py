@@ -14,6 +14,8 @@ import pytest
 from conftest import FAST, MiB, make_payload, sha
 
 from modelcache import Cache, SourceError, TransferOptions
+from modelcache._readers import HTTPReader
+from modelcache._sources import Source
 from modelcache._transfer import (
     FatalError,
     RangeStream,
@@ -22,8 +24,6 @@ from modelcache._transfer import (
     download,
     read_resume_state,
 )
-from modelcache.readers import HTTPReader
-from modelcache.sources import Source
 from modelcache.testing import ModelServer
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from ._sources import Source
 from ._transfer import Reader, TransferOptions
-from .sources import Source
 
 __all__ = ["Plan", "RemoteFile", "Selection"]
 

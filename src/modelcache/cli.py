@@ -34,12 +34,12 @@ from typing import IO, Any
 
 from ._hashing import normalize_sha256
 from ._sizes import format_size, parse_size
+from ._sources import Source
 from ._version import __version__
 from .cache import Cache, Entry
 from .errors import ModelCacheError
 from .handle import ModelHandle
 from .registry import Registry
-from .sources import Source
 
 __all__ = ["format_age", "format_size", "main", "parse_size"]
 

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._filesystems import open_filesystem, retrying
 from ._hashing import manifest_digest
+from ._sources import Source, SourceLike, parse_sources
 from ._transfer import FatalError, TransferOptions
 from .errors import SourceError
-from .filesystems import open_filesystem, retrying
-from .sources import Source, SourceLike, parse_sources
 
 __all__ = ["Mirrored", "mirror"]
 

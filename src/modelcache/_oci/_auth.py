@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from modelcache import config
+from modelcache import _config as config
 from modelcache._retry import retryable_status
+from modelcache._sources import redact
 from modelcache._transfer import FatalError, TransientError
-from modelcache.sources import redact
 
 __all__ = [
     "Authenticator",

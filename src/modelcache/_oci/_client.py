@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
+from modelcache._filesystems import TRANSFER_KEYS, retrying
+from modelcache._readers import HTTPReader, discard, pool_for, send, status_error
+from modelcache._sources import Source
 from modelcache._transfer import FatalError, RangeStream, Reader, TransferOptions
 from modelcache._version import __version__
-from modelcache.filesystems import TRANSFER_KEYS, retrying
-from modelcache.readers import HTTPReader, discard, pool_for, send, status_error
-from modelcache.sources import Source
 
 from ._auth import Authenticator, credentials_for, pull_scope, push_scope
 from ._manifest import (

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, urlencode
 
 from modelcache._plan import Selection
-from modelcache.sources import Source, redact
+from modelcache._sources import Source, redact
 
 __all__ = [
     "DEFAULT_TAG",

@@ -7,8 +7,8 @@ filesystem, one object or a prefix), ``hub`` (the Hugging Face Hub), ``oci`` (OC
 from __future__ import annotations
 
 from modelcache._plan import Plan
+from modelcache._sources import Source
 from modelcache._transfer import TransferOptions
-from modelcache.sources import Source
 
 __all__ = ["plan"]
 

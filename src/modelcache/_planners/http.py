@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from modelcache._plan import Plan, RemoteFile
+from modelcache._readers import HTTPReader
+from modelcache._sources import Source
 from modelcache._transfer import Reader, TransferOptions
-from modelcache.readers import HTTPReader
-from modelcache.sources import Source
 
 __all__ = ["plan_http"]
 

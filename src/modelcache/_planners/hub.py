@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from modelcache import config
+from modelcache import _config as config
+from modelcache._filesystems import classify, require_extra, retrying, transfer_options
 from modelcache._plan import Plan, RemoteFile, Selection
+from modelcache._readers import HTTPReader
+from modelcache._sources import Source, parse_hf_url
 from modelcache._transfer import FatalError, Reader, TransferOptions
 from modelcache.errors import NotCachedError
-from modelcache.filesystems import classify, require_extra, retrying, transfer_options
-from modelcache.readers import HTTPReader
-from modelcache.sources import Source, parse_hf_url
 
 __all__ = [
     "DEFAULT_ENDPOINT",

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from modelcache._filesystems import transfer_options
 from modelcache._oci import BlobReader, DigestError, Layer, RegistryClient, parse_reference
 from modelcache._plan import Plan, RemoteFile
+from modelcache._sources import Source
 from modelcache._transfer import FatalError, RangeStream, Reader, TransferOptions
 from modelcache.errors import IntegrityError
-from modelcache.filesystems import transfer_options
-from modelcache.sources import Source
 
 __all__ = ["plan_oci"]
 

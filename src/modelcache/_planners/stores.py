@@ -27,11 +27,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
+from modelcache._filesystems import classify, open_filesystem, retrying, transfer_options
 from modelcache._plan import Plan, RemoteFile, Selection
+from modelcache._readers import FsspecReader, HTTPReader
+from modelcache._sources import Source
 from modelcache._transfer import FatalError, RangeStream, Reader, TransferOptions
-from modelcache.filesystems import classify, open_filesystem, retrying, transfer_options
-from modelcache.readers import FsspecReader, HTTPReader
-from modelcache.sources import Source
 
 __all__ = [
     "S3_CHUNK",

@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from modelcache import config
+from modelcache import _config as config
 from modelcache._hashing import hash_file, normalize_sha256
+from modelcache._sources import Source, SourceLike, parse_sources
 from modelcache._transfer import FatalError, Progress, TransferOptions
 from modelcache.errors import (
     IntegrityError,
@@ -22,7 +23,6 @@ from modelcache.errors import (
     NotCachedError,
     SourceError,
 )
-from modelcache.sources import Source, SourceLike, parse_sources
 
 from . import _upkeep, _write
 from ._entries import Entry, Fetched, Problem

@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from modelcache import config
+from modelcache import _config as config
 from modelcache._transfer import Progress
 
 __all__ = ["progress_bar"]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from modelcache._posix import Leases
+from modelcache._sources import Source
 from modelcache.errors import ModelCacheError
-from modelcache.sources import Source
 
 from ._entries import Fetched
 from ._layout import Layer, Ref

@@ -16,9 +16,9 @@ from modelcache._hashing import hash_file, manifest_digest
 from modelcache._plan import Plan, RemoteFile
 from modelcache._planners import plan as plan_source
 from modelcache._posix import FileLock
+from modelcache._sources import Source
 from modelcache._transfer import Progress, TransferOptions, discard_part
 from modelcache.errors import IntegrityError
-from modelcache.sources import Source
 
 from ._entries import Fetched
 from ._layout import Layer

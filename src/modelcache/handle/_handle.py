@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from modelcache import config
+from modelcache import _config as config
 from modelcache._hashing import normalize_sha256
+from modelcache._sources import Source, SourceLike, parse_sources
 from modelcache.cache import Cache
-from modelcache.sources import Source, SourceLike, parse_sources
 
 from ._machine import StateMachine
 from ._state import State, Strategy

@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from modelcache._sources import Source
 from modelcache.cache import Cache
 from modelcache.errors import LoadError, ModelCacheError, NotReadyError, shorten
-from modelcache.sources import Source
 
 from . import _holds
 from ._attempt import Attempt

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from modelcache._sources import Source
 from modelcache.cache import Cache, Fetched
 from modelcache.errors import in_context
-from modelcache.sources import Source
 
 from ._status import Timings, empty_timings
 

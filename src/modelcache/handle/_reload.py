@@ -10,8 +10,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelcache._sources import Source
 from modelcache.errors import ModelCacheError, shorten
-from modelcache.sources import Source
 
 from ._pipeline import Loaded, LoadRun
 from ._status import Progress, ReloadState, ReloadStatus

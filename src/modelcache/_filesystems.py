@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._retry import call_with_retries, parse_retry_after, retryable_status
+from ._sources import Source
 from ._transfer import FatalError, TransferOptions, TransientError
-from .sources import Source
 
 __all__ = [
     "EXTRAS",

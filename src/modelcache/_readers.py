@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._retry import parse_retry_after, retryable_status
+from ._sources import Source, redact
 from ._transfer import FatalError, RangeStream, Reader, TransferOptions, TransientError
 from ._version import __version__
-from .sources import Source, redact
 
 __all__ = [
     "FsspecReader",
@@ -45,7 +45,7 @@ def open_reader(source: Source, options: TransferOptions) -> Reader:
     """The reader for ``source``: HTTP(S) through urllib3, anything else through fsspec."""
     if source.protocol in ("http", "https"):
         return HTTPReader(source, options)
-    from .filesystems import open_filesystem
+    from ._filesystems import open_filesystem
 
     fs, path = open_filesystem(source)
     return FsspecReader(fs, path)
@@ -362,7 +362,7 @@ def _etag_of(info: Mapping[str, Any]) -> str | None:
 
 def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a filesystem call, sorting its failures into fatal and transient."""
-    from .filesystems import classify  # the same rules as the S3, GCS and Hub readers
+    from ._filesystems import classify  # the same rules as the S3, GCS and Hub readers
 
     try:
         return function(*args, **kwargs)
