@@ -7,15 +7,38 @@ A planner (``_planners/``) asks the origin; the cache fetches the plan's files i
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ._sources import Source
-from ._transfer import Reader, TransferOptions
+from ._transfer import FatalError, Reader, TransferOptions
 
-__all__ = ["Plan", "RemoteFile", "Selection"]
+__all__ = ["Plan", "RemoteFile", "Selection", "relative_path"]
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def relative_path(name: str) -> str:
+    """``name``, a file's path as an origin lists it, once checked to stay inside the entry.
+
+    The one check every origin's names pass (Hub siblings, S3/GCS keys under a prefix, OCI
+    layer titles): raises :class:`FatalError` for an empty or absolute path, a ``.`` or ``..``
+    component, an empty component, a backslash, a NUL or a drive letter, so no listing can
+    make the cache write outside the entry's directory.
+    """
+    parts = name.split("/")
+    if (
+        not name
+        or "\\" in name
+        or "\0" in name
+        or _DRIVE.match(name)
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise FatalError(f"{name!r} is not a relative path inside the entry")
+    return name
 
 
 @dataclass(frozen=True)
@@ -98,3 +121,22 @@ class Plan:
     meta: dict[str, Any] = field(default_factory=dict)
     transfer: TransferOptions = field(default_factory=TransferOptions)
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        """Every planner's plan passes here: the name and a directory's paths are checked by
+        :func:`relative_path`, each path once, and none is both a file and a directory."""
+        if self.name is not None and "/" in relative_path(self.name):
+            raise FatalError(f"{self.name!r} is not a relative path inside the entry")
+        if self.kind != "directory":
+            return
+        seen: set[str] = set()
+        for file in self.files:
+            seen.add(relative_path(file.path))
+        if len(seen) < len(self.files):
+            raise FatalError("the origin lists the same file twice")
+        for path in seen:
+            parent = path.rpartition("/")[0]
+            while parent:
+                if parent in seen:
+                    raise FatalError(f"{parent!r} is listed both as a file and as a directory")
+                parent = parent.rpartition("/")[0]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from modelcache._plan import Selection
+from modelcache._plan import Selection, relative_path
 from modelcache._transfer import FatalError
 
 from ._reference import Reference
@@ -163,8 +163,7 @@ def titled_layers(manifest: Manifest, reference: Reference) -> tuple[Layer, ...]
             continue
         title = str(title)
         digest, size = str(entry.get("digest", "")), entry.get("size")
-        if not _safe_title(title):
-            raise FatalError(f"layer title {title!r} is not a relative path inside the entry")
+        relative_path(title)  # raises for a title that would leave the entry
         if title in seen:
             raise FatalError(f"two layers are titled {title!r}")
         if not digest.startswith("sha256:") or len(digest) != 71:
@@ -180,8 +179,3 @@ def titled_layers(manifest: Manifest, reference: Reference) -> tuple[Layer, ...]
         )
     return tuple(found)
 
-
-def _safe_title(title: str) -> bool:
-    if title.startswith("/") or "\\" in title or "\0" in title:
-        return False
-    return all(part not in ("", ".", "..") for part in title.split("/"))
