@@ -197,7 +197,7 @@ def test_a_body_shorter_than_its_content_length_resumes_or_fails_clearly(
     # every answer closes before its first byte: no progress, so the retries run out (an
     # answer cut after some bytes is progress, and resumes until the file is whole)
     model_server.cut_after("always-short.bin", 0, times=100)
-    with pytest.raises(SourceError, match="connection closed|IncompleteRead|Protocol"):
+    with pytest.raises(SourceError, match=r"connection closed|IncompleteRead|Protocol"):
         other.fetch(url)
     assert_nothing_cached(other)
 
@@ -224,7 +224,7 @@ def test_a_silent_origin_ends_in_the_stall_timeout(cache: Cache) -> None:
     with HostileServer() as server:
         url = server.route("/slow.bin", trickle(1000, every=2.0))
         began = time.monotonic()
-        with pytest.raises(SourceError, match="(?i)timed? ?out"):
+        with pytest.raises(SourceError, match=r"(?i)timed? ?out"):
             quick.fetch(url)
         took = time.monotonic() - began
     assert took < 10, f"the stall timeout (0.5 s) took {took:.1f} s to end the fetch"
@@ -252,7 +252,8 @@ def test_cancel_returns_promptly_from_a_trickling_origin(cache: Cache) -> None:
         took = time.monotonic() - began
     assert not thread.is_alive()
     assert took < 2.0, f"cancel took {took:.1f} s"
-    assert len(errors) == 1 and isinstance(errors[0], SourceError)
+    assert len(errors) == 1
+    assert isinstance(errors[0], SourceError)
     assert "cancelled" in str(errors[0])
     assert final_files(cache.path) == []
 
@@ -264,7 +265,7 @@ def test_registry_close_returns_promptly_while_a_model_trickles_in(modelcache_ho
         url = server.route("/model.safetensors", trickle(10_000, every=0.05))
         handle = ModelHandle(
             "trickled",
-            url,
+            source=url,
             strategy="background",
             cache=Cache(modelcache_home, read_only_paths=[], offline=False, transfer=FAST),
         )
@@ -323,9 +324,9 @@ def test_a_redirect_from_https_to_http_is_refused(
             "/fine.bin",
             lambda r: (r.head(200, {"Content-Length": str(len(data))}), r.write(data)),
         )
-        assert cache.fetch(server.url + "/fine.bin").read_bytes() == data  # TLS itself works
-        cache.remove(cache.entries()[0].key)
-        with pytest.raises(SourceError, match="(?i)https.*http|insecure|downgrade"):
+        elsewhere = Cache(cache.path.parent / "elsewhere", read_only_paths=[], transfer=FAST)
+        assert elsewhere.fetch(server.url + "/fine.bin").read_bytes() == data  # TLS works
+        with pytest.raises(SourceError, match="refused a redirect from https to http"):
             cache.fetch(server.url + "/weights.bin")
     assert model_server.count("weights.bin") == (0, 0)  # not one request over plain http
     assert_nothing_cached(cache)
@@ -375,12 +376,12 @@ def test_an_etag_that_changes_between_ranges_restarts_not_splices(
     def answer(request: Request) -> None:
         data, etag = (new, '"new"') if switched.is_set() else (old, '"old"')
         start, end = ranged(request, size) or (0, size)
-        if request.number == 0 and not parallel:
-            end = min(end, start + 300 * KiB)  # the first answer is cut short
         headers = {"Content-Length": str(end - start), "ETag": etag}
         if request.headers.get("range"):
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         request.head(206 if request.headers.get("range") else 200, headers)
+        if request.number == 0:  # the first answer is cut short
+            end = min(end, start + 100 * KiB)
         request.write(data[start:end])
         if request.number == 0:
             switched.set()
@@ -392,4 +393,3 @@ def test_an_etag_that_changes_between_ranges_restarts_not_splices(
         assert server.requests["/swapped.bin"] >= 2
     assert got.read_bytes() == new
     assert cache.verify() == []
-

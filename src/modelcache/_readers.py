@@ -14,7 +14,9 @@ import contextlib
 import http.client
 import logging
 import re
+import socket
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -94,7 +96,7 @@ def _pool(proxy: str | None, options: TransferOptions, ca_certs: str | None = No
         pool = _pools.get(key)
         if pool is None:
             timeout = urllib3.Timeout(connect=options.connect_timeout, read=options.stall_timeout)
-            retries = urllib3.Retry(
+            retries = _redirect_policy()(
                 total=None,
                 connect=0,
                 read=0,
@@ -115,6 +117,37 @@ def _pool(proxy: str | None, options: TransferOptions, ca_certs: str | None = No
             pool = urllib3.ProxyManager(proxy, **kwargs) if proxy else urllib3.PoolManager(**kwargs)
             _pools[key] = pool
         return pool
+
+
+_REDIRECT_LOOP = "too many redirects"
+_DOWNGRADE = "refused a redirect from https to http"
+_policy: Any = None
+
+
+def _redirect_policy() -> Any:
+    """urllib3's ``Retry`` that also refuses a redirect from https to plain http, as browsers
+    do (the rest of a download, and any credentials, would travel in clear)."""
+    global _policy
+    if _policy is None:
+        import urllib3
+        from urllib3.exceptions import MaxRetryError, ResponseError
+
+        class Redirects(urllib3.Retry):
+            def increment(self, *args: Any, **kwargs: Any) -> Any:
+                names = ("method", "url", "response", "error", "_pool")
+                given = dict(zip(names, args, strict=False)) | kwargs
+                url, response = given.get("url"), given.get("response")
+                location = response.get_redirect_location() if response is not None else None
+                if url and location:
+                    target = urllib.parse.urljoin(url, location)
+                    if urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http":
+                        refusal = ResponseError(f"{_DOWNGRADE} ({target})")
+                        pool: Any = given.get("_pool")
+                        raise MaxRetryError(pool, url, refusal)
+                return super().increment(*args, **kwargs)
+
+        _policy = Redirects
+    return _policy
 
 
 def _proxy_for(url: str) -> str | None:
@@ -279,6 +312,12 @@ def send(
         reason = error.reason if error.reason is not None else error
         if isinstance(reason, urllib3.exceptions.SSLError):
             raise FatalError(f"TLS error: {scrub(str(reason))}") from None
+        if isinstance(reason, urllib3.exceptions.ResponseError) and str(reason).startswith(
+            _DOWNGRADE
+        ):
+            raise FatalError(scrub(str(_mask_query(str(reason))))) from None
+        if isinstance(reason, urllib3.exceptions.ResponseError) and str(reason) == _REDIRECT_LOOP:
+            raise FatalError("too many redirects (a redirect loop?)") from None
         raise TransientError(scrub(f"{type(reason).__name__}: {reason}")) from None
     except (urllib3.exceptions.HTTPError, OSError) as error:
         raise TransientError(scrub(f"{type(error).__name__}: {error}")) from None
@@ -296,12 +335,25 @@ def status_error(status: int, headers: Mapping[str, str]) -> TransientError | Fa
 
 
 def discard(response: Any) -> None:
-    """Give the connection back when the body was read, else close it (never drain gigabytes)."""
+    """Give the connection back when the body was read, else close it (never drain gigabytes).
+
+    An unread body's socket is shut down first: a thread still blocked reading it (a cancelled
+    download from a slow origin) wakes at once, where closing alone would wait for that read.
+    """
     try:
-        if not response.isclosed() and response.length_remaining:
+        if not response.isclosed() and response.length_remaining != 0:  # None: chunked
+            _shut_down(response)
             response.close()
     finally:
         response.release_conn()
+
+
+def _shut_down(response: Any) -> None:
+    connection = getattr(response, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _string_map(value: Any) -> dict[str, str]:

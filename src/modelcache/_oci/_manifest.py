@@ -178,4 +178,3 @@ def titled_layers(manifest: Manifest, reference: Reference) -> tuple[Layer, ...]
             "annotation: it is not an artifact of files (a container image?)"
         )
     return tuple(found)
-
