@@ -89,7 +89,12 @@ class _Job:
         sizes = [f.size for f in self.plan.files]
         if None not in sizes:
             already = sum(resume_progress(part) for part in self.parts)
-            ensure_free(directory, sum(s or 0 for s in sizes) - already)
+            try:
+                ensure_free(directory, sum(s or 0 for s in sizes) - already)
+            except InsufficientSpaceError:
+                for part in self.parts:
+                    _drop_if_empty(part)
+                raise
         results: dict[int, FetchedFile] = {}
         errors: list[BaseException] = []
         with concurrent.futures.ThreadPoolExecutor(
@@ -149,6 +154,9 @@ class _Job:
             )
         except FatalError as error:
             raise FatalError(f"{label}{error}", error.status) from None
+        except InsufficientSpaceError:
+            _drop_if_empty(part)  # refused once the size was known: keep what an earlier run got
+            raise
         except OSError as error:
             if is_disk_full(error):
                 discard_part(part)
@@ -175,6 +183,13 @@ def _check(
     if problem is not None:
         discard_part(part)
         raise IntegrityError(f"{label}{problem}; nothing was cached")
+
+
+def _drop_if_empty(part: Path) -> None:
+    """Remove a part file (and its range map) that holds no byte yet: refused for want of
+    space, it would only be left behind."""
+    if resume_progress(part) <= 0:
+        discard_part(part)
 
 
 def _is_cancel(error: BaseException) -> bool:
