@@ -70,7 +70,8 @@ def test_a_known_size_larger_than_the_free_space_is_refused_before_the_body(
     url = model_server.add("big.bin", make_payload(40 * MiB, 2))
     with pytest.raises(InsufficientSpaceError, match="free") as raised:
         cache.fetch(url)
-    assert "big.bin" in str(raised.value) and str(disk) in str(raised.value)
+    assert "big.bin" in str(raised.value)
+    assert str(disk) in str(raised.value)
     requests, sent = model_server.count("big.bin")
     assert requests == 1  # the first answer's size was enough to refuse, and nothing retried
     assert sent < 8 * MiB  # the body was not read (only what the socket buffers took)
@@ -119,12 +120,13 @@ def test_a_writable_cache_on_a_read_only_filesystem(
     (tmp_path / "volume").mkdir()
     volume = mount("ro-volume", bind=tmp_path / "volume", read_only=True)
     layer = mount("ro-layer", bind=baked, read_only=True)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Read-only file system"):
         (volume / "probe").write_bytes(b"")  # the mount really is read-only
     cache = Cache(volume / "cache", read_only_paths=[layer], offline=False, transfer=FAST)
     model_server.reset_counts()
     got = cache.fetch(url)  # the read-only layer still serves what it holds
-    assert got.read_bytes() == data and got.is_relative_to(layer)
+    assert got.read_bytes() == data
+    assert got.is_relative_to(layer)
     assert model_server.count("baked.bin") == (0, 0)
     other = model_server.add("other.bin", make_payload(1 * MiB, 7))
     with pytest.raises(ModelCacheError, match="cannot write the cache") as raised:
