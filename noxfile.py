@@ -30,6 +30,23 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def soak(session: nox.Session) -> None:
+    """The full soak (tests/test_soak.py): 60 s, figures in soak.json. ``SOAK_SEED=<n>``
+    repeats a run; ``-- SECONDS`` sets another length."""
+    install(session)
+    seconds = session.posargs[0] if session.posargs else "60"
+    session.run(
+        "pytest",
+        "-q",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_soak.py",
+        env={"SOAK_SECONDS": seconds, "SOAK_REPORT": "soak.json"},
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
     session.install("ruff")

@@ -1,0 +1,354 @@
+"""A soak: 8 processes doing random get / unload / reload / prune / rm / verify on a few
+models over HTTP and S3, while the harness SIGKILLs a random process every few seconds (and
+starts it again) and the origins answer 500s and cut connections. Invariants are checked
+throughout.
+
+``SOAK_SECONDS`` (default 15, CI) sets the length (``nox -s soak``: 60), ``SOAK_SEED`` the
+seed and ``SOAK_REPORT`` a file for the figures (JSON). The harness's schedule of kills and
+faults and each process's operations come from the seed, so a failing run prints the seed
+that repeats it. Timing still varies between runs (what a kill interrupts), so a repeat is
+close, not identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FAST, MiB
+from servers.proxy import FaultProxy
+from servers.stores import S3Bucket
+
+from modelcache import Cache
+from modelcache.testing import ModelServer
+
+pytest_plugins = ["servers.fixtures"]
+
+PROCESSES = 8
+CACHES = 2  # processes 0-3 share one cache directory, 4-7 the other
+KILL_EVERY = (2.0, 4.0)  # seconds between SIGKILLs, drawn from the seed
+FAULT_EVERY = (0.3, 0.8)  # seconds between origin faults
+
+WORKER = r'''
+import json, logging, os, random, sys, time
+from pathlib import Path
+
+import numpy
+from safetensors.numpy import load_file
+
+from modelcache import Cache, ModelCacheError, ModelHandle, TransferOptions
+from modelcache.sources import Source
+
+args = json.loads(sys.argv[1])
+rng = random.Random(args["seed"])
+home = Path(args["home"])
+options = TransferOptions(**args["options"])
+cache = Cache(home, read_only_paths=[], offline=False, transfer=options)
+models = args["models"]
+originals = {m["name"]: load_file(m["original"]) for m in models}
+handles = {
+    m["name"]: ModelHandle(
+        m["name"],
+        source=m["url"],
+        storage_options=m.get("storage_options"),
+        cache=cache,
+        loader=lambda path: load_file(str(path)),  # numpy: no torch import in 8 processes
+    )
+    for m in models
+}
+keys = {m["name"]: Source(m["url"]).key for m in models}
+
+
+def say(**line):
+    print(json.dumps(line), flush=True)
+
+
+class Evictions(logging.Handler):
+    """Every eviction this process makes (prune, rm), with when it was made."""
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("evicted "):
+            say(evicted=message.split()[1], t=time.time())
+
+
+logging.getLogger("modelcache").addHandler(Evictions())
+logging.getLogger("modelcache").setLevel(logging.INFO)
+held = set()  # models this process holds READY (it holds their entries' leases)
+
+
+while True:
+    op = rng.choice(["get", "get", "get", "unload", "reload", "prune", "rm", "verify"])
+    name = rng.choice(list(handles))
+    handle = handles[name]
+    try:
+        if op == "get":
+            state = handle.get(timeout=60)
+            for key, tensor in originals[name].items():
+                if not numpy.array_equal(state[key], tensor):
+                    say(violation=f"{name}: tensor {key} differs from the original")
+            status = handle.status()
+            if status["cache_hit"] is False:
+                say(miss=name, size=status["bytes_total"])
+            if name not in held:
+                held.add(name)
+                say(held=keys[name][:16], t=time.time())
+        elif op == "unload":
+            if name in held:
+                held.discard(name)
+                say(released=keys[name][:16], t=time.time())
+            handle.unload()
+        elif op == "reload":
+            handle.reload()
+        elif op == "prune":
+            cache.prune(args["prune_to"])
+        elif op == "rm":
+            cache.remove(keys[name])
+        elif op == "verify":
+            problems = cache.verify()
+            if problems:
+                say(violation=f"verify: {problems}")
+        say(op=op, ok=True)
+    except (ModelCacheError, KeyError) as error:
+        say(op=op, ok=False, error=type(error).__name__)
+'''
+
+
+def _save_model(path: Path, seed: int, mib: int) -> None:
+    import numpy
+    from safetensors.numpy import save_file
+
+    generator = numpy.random.default_rng(seed)
+    n = mib * MiB // 4 // 2
+    save_file(
+        {
+            "a.weight": generator.standard_normal(n, dtype=numpy.float32),
+            "b.weight": generator.standard_normal(n, dtype=numpy.float32),
+        },
+        str(path),
+    )
+
+
+class _Process:
+    def __init__(
+        self, index: int, command: list[str], log: list[dict[str, Any]], errors: Path
+    ) -> None:
+        self.index = index
+        with errors.open("a") as stderr:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.reader = threading.Thread(target=self._read, args=(log,), daemon=True)
+        self.reader.start()
+
+    def _read(self, log: list[dict[str, Any]]) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            item["process"] = self.index
+            log.append(item)
+
+    def kill(self, log: list[dict[str, Any]]) -> None:
+        log.append({"process": self.index, "killed": True, "t": time.time()})
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _check_cache(home: Path) -> list[str]:
+    """What the harness checks on disk: verify() is clean, no file at a final path is partial."""
+    cache = Cache(home, read_only_paths=[], offline=True, transfer=FAST)
+    problems = [f"verify: {p}" for p in cache.verify()]
+    for meta in (home / "refs").glob("*/meta.json") if (home / "refs").is_dir() else []:
+        try:
+            record = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue  # evicted meanwhile
+        for file in record["files"]:
+            path = meta.parent / file["path"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+            if size != file["size"]:
+                problems.append(f"{path} has {size} bytes at its final path, not {file['size']}")
+    return problems
+
+
+def _evicted_while_held(log: list[dict[str, Any]], margin: float = 0.05) -> list[str]:
+    """Evictions (by any process) of an entry that a process of the same cache held READY.
+
+    A hold is counted from after ``get()`` returned until before ``unload()`` was called or the
+    process was killed: inside the real hold, so an eviction found in it is a real one.
+    """
+    holds: list[tuple[int, str, float, float]] = []  # (cache, key, from, to)
+    open_holds: dict[tuple[int, str], float] = {}
+    for item in sorted(log, key=lambda i: i.get("t", 0.0)):
+        process = item["process"]
+        if "held" in item:
+            open_holds[(process, item["held"])] = item["t"]
+        elif "released" in item or "killed" in item:
+            for (holder, key), since in list(open_holds.items()):
+                if holder == process and item.get("released", key) == key:
+                    holds.append((holder * CACHES // PROCESSES, key, since, item["t"]))
+                    del open_holds[(holder, key)]
+    found = []
+    for item in log:
+        if "evicted" in item:
+            cache = item["process"] * CACHES // PROCESSES
+            for held_in, key, since, until in holds:
+                during = since + margin < item["t"] < until - margin
+                if held_in == cache and key == item["evicted"] and during:
+                    found.append(f"process {item['process']} evicted {key} while it was held")
+    return found
+
+
+@pytest.mark.slow
+def test_soak(
+    tmp_path: Path,
+    model_server: ModelServer,
+    s3_bucket: S3Bucket,
+    s3_proxy: FaultProxy,
+) -> None:
+    seconds = float(os.environ.get("SOAK_SECONDS", "15"))
+    seed = int(os.environ.get("SOAK_SEED", str(random.randrange(1 << 30))))
+    print(f"soak: seed {seed}, {seconds:.0f} s (SOAK_SEED={seed} repeats it)")
+    rng = random.Random(seed)
+    models: list[dict[str, Any]] = []
+    http_bytes = 0
+    for n, mib in enumerate((2, 3, 4)):
+        original = tmp_path / f"m{n}.safetensors"
+        _save_model(original, seed + n, mib)
+        url = model_server.add(original.name, original)
+        models.append({"name": f"http{n}", "url": url, "original": str(original)})
+        http_bytes += original.stat().st_size
+    s3_original = tmp_path / "s3.safetensors"
+    _save_model(s3_original, seed + 10, 3)
+    s3_url = s3_bucket.put("soak/model.safetensors", s3_original.read_bytes())
+    models.append(
+        {
+            "name": "s3",
+            "url": s3_url,
+            "original": str(s3_original),
+            "storage_options": s3_bucket.options(s3_proxy.url),
+        }
+    )
+    largest = max(Path(m["original"]).stat().st_size for m in models)
+    script = tmp_path / "soak_worker.py"
+    script.write_text(WORKER)
+    homes = [tmp_path / f"cache{c}" for c in range(CACHES)]
+    options = {
+        "retries": 8,
+        "backoff": 0.02,
+        "max_backoff": 0.2,
+        "deadline": 20.0,
+        "stall_timeout": 5.0,
+        "connect_timeout": 5.0,
+        "chunk_size": 512 * 1024,
+    }
+    log: list[dict[str, Any]] = []
+    starts = Counter[int]()
+
+    def start(index: int) -> _Process:
+        starts[index] += 1
+        args = {
+            "seed": seed * 1000 + index * 37 + starts[index],
+            "home": str(homes[index * CACHES // PROCESSES]),
+            "options": options,
+            "models": models,
+            "prune_to": 6 * MiB,
+        }
+        command = [sys.executable, str(script), json.dumps(args)]
+        return _Process(index, command, log, tmp_path / f"worker{index}.stderr")
+
+    processes = [start(i) for i in range(PROCESSES)]
+    kills = faults = checks = 0
+    violations: list[str] = []
+    began = time.monotonic()
+    next_kill = began + rng.uniform(*KILL_EVERY)
+    next_fault = began + rng.uniform(*FAULT_EVERY)
+    next_check = began + 1.0
+    try:
+        while time.monotonic() - began < seconds:
+            now = time.monotonic()
+            if now >= next_kill:
+                victim = rng.randrange(PROCESSES)
+                processes[victim].kill(log)
+                processes[victim] = start(victim)
+                kills += 1
+                next_kill = now + rng.uniform(*KILL_EVERY)
+            if now >= next_fault:
+                model = rng.choice(models)
+                if model["name"] == "s3":
+                    if rng.random() < 0.5:
+                        s3_proxy.fail(times=1, status=500, match=lambda m, p: m == "GET")
+                    else:
+                        s3_proxy.cut(rng.randrange(1, 2 * MiB), match=lambda m, p: m == "GET")
+                else:
+                    name = Path(model["original"]).name
+                    if rng.random() < 0.5:
+                        model_server.fail_next(name, 1, 500)
+                    else:
+                        model_server.cut_after(name, rng.randrange(1, 2 * MiB))
+                faults += 1
+                next_fault = now + rng.uniform(*FAULT_EVERY)
+            if now >= next_check:
+                for home in homes:
+                    violations += _check_cache(home)
+                checks += 1
+                next_check = now + 1.0
+            time.sleep(0.02)
+    finally:
+        for process in processes:
+            process.kill(log)
+    s3_proxy.clear()
+    for home in homes:
+        violations += _check_cache(home)
+    checks += 1
+    violations += [item["violation"] for item in list(log) if "violation" in item]
+    violations += _evicted_while_held(log)
+    ops = Counter(item["op"] for item in log if "op" in item)
+    done = Counter(item["op"] for item in log if item.get("ok"))
+    http_misses = sum(
+        item["size"] for item in log if "miss" in item and item["miss"].startswith("http")
+    )
+    served = sum(model_server.bytes_sent.values())
+    # every download that completed is a miss reported by the process that made it, except a
+    # process killed between publishing and reporting: at most one file per kill
+    allowed = 1.5 * max(http_misses, http_bytes * CACHES) + kills * largest
+    figures = {
+        "seed": seed,
+        "seconds": seconds,
+        "processes": PROCESSES,
+        "kills": kills,
+        "faults": faults,
+        "ops": dict(ops),
+        "ops_ok": dict(done),
+        "invariant_checks": checks,
+        "http_bytes_served": served,
+        "http_bytes_needed": http_misses,
+        "evictions": sum(1 for item in log if "evicted" in item),
+        "violations": len(violations),
+    }
+    print("soak figures:", json.dumps(figures))
+    (tmp_path / "soak.json").write_text(json.dumps(figures))
+    if os.environ.get("SOAK_REPORT"):
+        Path(os.environ["SOAK_REPORT"]).write_text(json.dumps(figures, indent=2))
+    assert violations == [], f"seed {seed}: {violations[:10]}"
+    assert kills >= seconds / KILL_EVERY[1] - 1, f"seed {seed}: only {kills} kills"
+    assert done["get"] >= PROCESSES, f"seed {seed}: only {done['get']} gets succeeded: {ops}"
+    assert served <= allowed, f"seed {seed}: {served} bytes served, at most {allowed:.0f} expected"
