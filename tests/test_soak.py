@@ -195,7 +195,7 @@ def _evicted_while_held(log: list[dict[str, Any]], margin: float = 0.05) -> list
     A hold is counted from after ``get()`` returned until before ``unload()`` was called or the
     process was killed: inside the real hold, so an eviction found in it is a real one.
     """
-    holds: list[tuple[int, str, float, float]] = []  # (cache, key, from, to)
+    holds: list[tuple[int, int, str, float, float]] = []  # (cache, process, key, from, to)
     open_holds: dict[tuple[int, str], float] = {}
     for item in sorted(log, key=lambda i: i.get("t", 0.0)):
         process = item["process"]
@@ -204,16 +204,20 @@ def _evicted_while_held(log: list[dict[str, Any]], margin: float = 0.05) -> list
         elif "released" in item or "killed" in item:
             for (holder, key), since in list(open_holds.items()):
                 if holder == process and item.get("released", key) == key:
-                    holds.append((holder * CACHES // PROCESSES, key, since, item["t"]))
+                    cache = holder * CACHES // PROCESSES
+                    holds.append((cache, holder, key, since, item["t"]))
                     del open_holds[(holder, key)]
     found = []
     for item in log:
         if "evicted" in item:
             cache = item["process"] * CACHES // PROCESSES
-            for held_in, key, since, until in holds:
+            for held_in, holder, key, since, until in holds:
                 during = since + margin < item["t"] < until - margin
                 if held_in == cache and key == item["evicted"] and during:
-                    found.append(f"process {item['process']} evicted {key} while it was held")
+                    found.append(
+                        f"process {item['process']} evicted {key} at {item['t']:.3f} while "
+                        f"process {holder} held it READY ({since:.3f} to {until:.3f})"
+                    )
     return found
 
 
@@ -346,6 +350,7 @@ def test_soak(
     }
     print("soak figures:", json.dumps(figures))
     (tmp_path / "soak.json").write_text(json.dumps(figures))
+    (tmp_path / "soak-log.json").write_text(json.dumps(log))
     if os.environ.get("SOAK_REPORT"):
         Path(os.environ["SOAK_REPORT"]).write_text(json.dumps(figures, indent=2))
     assert violations == [], f"seed {seed}: {violations[:10]}"

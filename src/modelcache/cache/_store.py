@@ -126,10 +126,15 @@ class Store:
                     self._drop_corrupt(layer, ref, record["sha256"])
                 return None
         if not layer.read_only:
-            # a ref evicted meanwhile is a miss: the lease is taken, then looked at again
+            # a ref evicted meanwhile is a miss: the lease is taken, then looked at again; a
+            # lease this process held already (a handle serves the entry while it is fetched
+            # again, or replaced by another process) is kept: giving it back would let prune
+            # evict an entry in use
             lease = self.lease_path(layer, ref.key)
+            held = self.leases.holds(lease)
             if not self.leases.take(lease) or not ref.directory.is_dir():
-                self.leases.give_back(lease)
+                if not held:
+                    self.leases.give_back(lease)
                 return None
             layer.touch(ref)
         return Fetched(ref.path, True, ref.sha256, int(ref.meta["size"]), label, ref.key)
