@@ -31,8 +31,13 @@ def verify(store: Store) -> list[Problem]:
         for record in ref.files:
             path = ref.directory / record["path"]
             problem = _check_file(store, layer, path, record, hashed)
-            if problem is not None:
-                problems.append(Problem(ref.key, f"{record['path']} {problem}"))
+            if problem is not None and layer.ref(ref.key) == ref:
+                # once more: another process may have evicted or replaced the ref meanwhile
+                # (a ref no longer published is no problem of what the cache holds)
+                hashed.clear()
+                problem = _check_file(store, layer, path, record, hashed)
+                if problem is not None:
+                    problems.append(Problem(ref.key, f"{record['path']} {problem}"))
     return problems
 
 
