@@ -47,7 +47,7 @@ import numpy
 from safetensors.numpy import load_file
 
 from modelcache import Cache, ModelCacheError, ModelHandle, TransferOptions
-from modelcache.sources import Source
+from modelcache._sources import Source
 
 args = json.loads(sys.argv[1])
 rng = random.Random(args["seed"])
