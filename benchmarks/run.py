@@ -39,8 +39,10 @@ from common import machine  # noqa: E402
 
 MODULES = (
     "bench_fetch",
+    "bench_link",
     "bench_s3",
     "bench_start",
+    "bench_load",
     "bench_memory",
     "bench_replicas",
     "bench_int8",
