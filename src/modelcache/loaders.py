@@ -66,10 +66,18 @@ class UnsafeCheckpointError(ValueError):
 
 
 def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
-    """A ``.safetensors`` file as a state dict (memory-mapped, zero-copy on CPU)."""
+    """A ``.safetensors`` file as a state dict (memory-mapped, zero-copy on CPU).
+
+    On CPU every page is mapped in one call (:func:`modelcache._prefault.populate`), not one
+    page fault at a time on first use; nothing is copied.
+    """
     from safetensors.torch import load_file
 
-    return dict(load_file(str(path), device=device))
+    from modelcache._prefault import populate
+
+    state = dict(load_file(str(path), device=device))
+    populate(state.values())
+    return state
 
 
 def load_torch(path: Path, device: str = "cpu") -> Any:
