@@ -108,6 +108,47 @@ def test_safetensors_pages_are_mapped_at_load_without_a_copy(tmp_path: Path) -> 
     assert all(inside(t.data_ptr(), ranges) for t in state.values())
 
 
+def test_safetensors_of_every_dtype_and_shape_load_as_safetensors_reads_them(
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file
+
+    path = tmp_path / "mixed.safetensors"
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).bfloat16(),
+        "f16": torch.randn(2, 2, 2).half(),
+        "f64": torch.randn(3).double(),
+        "i8": torch.arange(-5, 6, dtype=torch.int8),
+        "u8": torch.arange(0, 9, dtype=torch.uint8),
+        "i64": torch.arange(11),
+        "flags": torch.tensor([True, False, True]),
+        "f8": torch.randn(5).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+    }
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    state = default_loader(path)
+    expected = load_file(str(path))
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype
+        assert state[name].shape == tensor.shape
+        assert torch.equal(
+            state[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
+        ), name
+    state["f32"].add_(1)  # copy-on-write: the file keeps its bytes
+    assert torch.equal(load_file(str(path))["f32"], tensors["f32"])
+
+
+def test_a_broken_safetensors_file_fails_as_safetensors_says(tmp_path: Path) -> None:
+    path = tmp_path / "broken.safetensors"
+    save_file({"w": torch.ones(1024)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])  # cut short: the header names bytes not there
+    with pytest.raises(Exception, match=r"(?i)invalid|incomplete|out of bounds|metadata"):
+        default_loader(path)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
 def test_torch_files_load_with_mmap(
     suffix: str, cache: Cache, fake_weights: Callable[..., Path]
