@@ -94,6 +94,7 @@ def map_safetensors(path: Path) -> dict[str, Any] | None:
     state: dict[str, Any] = {}
     for name, dtype, shape, offset in plan:
         tensor = torch.empty(0, dtype=dtype)
-        tensor.set_(storage, offset, shape)
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        tensor.set_(storage, offset, shape, strides)  # type: ignore[call-overload]
         state[name] = tensor
     return state
