@@ -95,6 +95,6 @@ def map_safetensors(path: Path) -> dict[str, Any] | None:
     for name, dtype, shape, offset in plan:
         tensor = torch.empty(0, dtype=dtype)
         strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-        tensor.set_(storage, offset, shape, strides)  # type: ignore[call-overload]
+        tensor.set_(storage, offset, shape, strides)  # type: ignore[arg-type]
         state[name] = tensor
     return state
