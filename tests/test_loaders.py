@@ -6,8 +6,8 @@ import json
 import os
 import pickle
 import re
-import sys
 import resource
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
