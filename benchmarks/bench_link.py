@@ -65,12 +65,23 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
+def _remove_stale() -> None:
+    """Remove namespaces an earlier run left behind when it was killed (its process is gone)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        pid = name[3:].split("-")[0] if name.startswith("mcb") else ""
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 @contextlib.contextmanager
 def link(gbit: float) -> Iterator[tuple[str, str, str]]:
     """Origin and client namespaces joined by a veth pair shaped to ``gbit`` on the origin side.
 
     Yields ``(origin namespace, client namespace, origin address)``; removes both at the end.
     """
+    _remove_stale()
     n = os.getpid() % 250
     tag = f"mcb{os.getpid()}"
     origin, client = f"{tag}-o", f"{tag}-c"
