@@ -46,6 +46,7 @@ from common import MiB, alternate, free_port, ratio, row, summarize  # noqa: E40
 FULL = {"size": 512 * MiB, "rounds": 3}
 QUICK = {"size": 32 * MiB, "rounds": 1}
 GOAL_MEMORY_MIB = 64.0
+GOAL_VS_HASHING_GET = 1.1  # issue 16: the peer that verifies as modelcache does
 KEY, SECRET = "bench-key", "bench-secret"
 BUCKET, OBJECT = "models", "weights/model.bin"
 
@@ -239,10 +240,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
             paired,
             unit="x",
             better="higher",
-            title="modelcache's speed over the fastest peer's (per round, same run)",
-            goal=">= 1x the fastest of s3fs.get, boto3 download_file and one boto3 GET",
-            met=summarize(paired).median >= 0.95,
-            note="met allows 5% for the noise of a shared 2-core machine.",
+            title="modelcache's speed over its peers' (per round, same run)",
+            note=f"{fastest} verifies nothing: shown for information, not judged.",
         )
     )
     rows += [
@@ -261,14 +260,17 @@ def run(quick: bool) -> list[dict[str, Any]]:
         for name, values in memory.items()
     ]
     hashed = speed["boto3 get_object + sha256 while writing"]
+    paired_hashed = [ratio(a, b) for a, b in zip(ours, hashed, strict=True)]
     rows.append(
         row(
             "fetch-s3-ratio",
             "modelcache / boto3 get_object + sha256",
-            [ratio(a, b) for a, b in zip(ours, hashed, strict=True)],
+            paired_hashed,
             unit="x",
             better="higher",
-            title="modelcache's speed over the fastest peer's (per round, same run)",
+            title="modelcache's speed over its peers' (per round, same run)",
+            goal=f">= {GOAL_VS_HASHING_GET}x one boto3 GET + sha256 while writing (issue 16)",
+            met=summarize(paired_hashed).median >= GOAL_VS_HASHING_GET,
         )
     )
     rows[0]["note"] = (

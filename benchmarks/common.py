@@ -57,6 +57,7 @@ __all__ = [
     "row",
     "run_process",
     "sha256_file",
+    "sha256_speed",
     "spawn",
     "summarize",
     "timed",
@@ -377,7 +378,7 @@ http {{
     types {{ application/octet-stream bin pt safetensors; }}
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{port};
+        listen {host}:{port};
         root {root};
         {limit}
     }}
@@ -392,12 +393,34 @@ def _nginx_binary() -> str | None:
     return None
 
 
+def _listening(host: str, port: int, netns: str | None) -> bool:
+    if netns is None:
+        try:
+            with socket.create_connection((host, port), 0.2):
+                return True
+        except OSError:
+            return False
+    probe = f"exec 3<>/dev/tcp/{host}/{port}"
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, "bash", "-c", probe], capture_output=True, timeout=10
+    )
+    return done.returncode == 0
+
+
 @contextlib.contextmanager
-def nginx(root: Path, *, limit_rate: int | None = None) -> Iterator[str]:
+def nginx(
+    root: Path,
+    *,
+    limit_rate: int | None = None,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+) -> Iterator[str]:
     """Serve ``root`` with nginx (sendfile, Range) on 127.0.0.1; yields the base URL.
 
     ``limit_rate`` caps each connection (bytes/s), like a CDN. nginx's workers run
     unprivileged: the files are made world-readable. ``FileNotFoundError`` without nginx.
+    ``netns`` runs nginx inside that network namespace (``ip netns exec``), listening on
+    ``host`` there.
     """
     binary = _nginx_binary()
     if binary is None:
@@ -415,25 +438,25 @@ def nginx(root: Path, *, limit_rate: int | None = None) -> Iterator[str]:
         port = free_port()
         limit = f"limit_rate {limit_rate};" if limit_rate else ""
         conf = Path(prefix) / "nginx.conf"
-        conf.write_text(_NGINX_CONF.format(prefix=prefix, port=port, root=root, limit=limit))
+        conf.write_text(
+            _NGINX_CONF.format(prefix=prefix, host=host, port=port, root=root, limit=limit)
+        )
+        wrap = ["ip", "netns", "exec", netns] if netns else []
         proc = subprocess.Popen(
-            [binary, "-c", str(conf), "-p", prefix, "-g", "daemon off;"],
+            [*wrap, binary, "-c", str(conf), "-p", prefix, "-g", "daemon off;"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         try:
             deadline = time.monotonic() + 10
             while True:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
+                if _listening(host, port, netns):
                     break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     err = proc.stderr.read().decode() if proc.stderr else ""
                     raise RuntimeError(f"nginx did not start: {err}")
                 time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://{host}:{port}"
         finally:
             proc.terminate()
             try:
@@ -605,3 +628,18 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(4 * MiB):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_speed(size: int = 256 * MiB, rounds: int = 3) -> list[float]:
+    """``hashlib.sha256``'s in-memory speed on one core, MiB/s per round (4 MiB updates)."""
+    import hashlib
+
+    block = os.urandom(4 * MiB)
+    values = []
+    for _ in range(rounds):
+        digest = hashlib.sha256()
+        began = time.perf_counter()
+        for _ in range(size // len(block)):
+            digest.update(block)
+        values.append(size / MiB / (time.perf_counter() - began))
+    return values

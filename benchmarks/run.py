@@ -39,8 +39,10 @@ from common import machine  # noqa: E402
 
 MODULES = (
     "bench_fetch",
+    "bench_link",
     "bench_s3",
     "bench_start",
+    "bench_load",
     "bench_memory",
     "bench_replicas",
     "bench_int8",
@@ -432,6 +434,14 @@ def report(
     return "\n".join(out)
 
 
+def _load_average() -> str:
+    """The machine's load average (other users' work shares its cores with the benchmarks)."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -464,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeout = args.timeout or (300.0 if args.quick else 3600.0)
     began = time.perf_counter()
     info = machine()
+    info["load average at the start (1, 5, 15 min)"] = _load_average()
     results: list[ModuleResult] = []
     for name in names:
         print(f"== {name}{' (quick)' if args.quick else ''}", file=sys.stderr, flush=True)
@@ -474,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         results.append(result)
+    info["load average at the end (1, 5, 15 min)"] = _load_average()
     output.parent.mkdir(parents=True, exist_ok=True)
     text = report(
         results, quick=args.quick, info=info, output=output, seconds=time.perf_counter() - began

@@ -41,4 +41,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[dev]"
 # openai-whisper without its triton requirement (its other dependencies are in the dev extra)
 .venv/bin/python -m pip install -q --no-deps "openai-whisper==20250625"
+# the fast loaders benchmarks/bench_load.py measures modelcache against, without letting them
+# touch torch (their other needs, numpy, humanize and typer, are already there)
+.venv/bin/python -m pip install -q --no-deps "runai-model-streamer==0.17.1" "fastsafetensors==0.5.0"
 echo "$wanted" >"$stamp"

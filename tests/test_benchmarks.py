@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,37 @@ def test_missing_and_failing_modules_are_reported_not_fatal(tmp_path: Path) -> N
     assert "| **modelcache** | 1.50 | 1.00 to 2.00 (3) | ✅ met |" in tiny
     assert "under 2 s" in text[text.index("## Goals at a glance") :]
     assert (output.parent / "img" / "benchmarks" / "tiny-tiny.png").exists()
+
+
+def _bench_link() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_link
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_link
+
+
+def test_the_link_benchmark_says_why_when_it_cannot_make_namespaces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench_link = _bench_link()
+    monkeypatch.setattr(bench_link.os, "geteuid", lambda: 1000)
+    rows = bench_link.run(quick=True)
+    assert [r["figure"] for r in rows] == ["link-sha256"]
+    assert "not measured here: not root" in rows[0]["note"]
+    assert rows[0]["median"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_the_link_benchmark_shapes_links_and_removes_its_namespaces() -> None:
+    bench_link = _bench_link()
+    assert bench_link.why_not() is None, "this machine runs the tests as root with ip, tc, nginx"
+    rows = bench_link.run(quick=True)
+    rates = {r["name"]: r for r in rows if r["figure"] == "link-rate"}
+    # tbf holds curl (one stream, nothing to verify) near each link's rate: 238 and 954 MiB/s
+    assert rates["curl -o /dev/null (nothing written) @ 2 Gbit/s"]["median"] < 238 * 1.15
+    assert {r["figure"] for r in rows} >= {"link-rate", "link-capped", "link-threads"}
+    assert "MainThread" in {r["name"] for r in rows if r["figure"] == "link-threads"}
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"mcb{os.getpid()}" not in namespaces

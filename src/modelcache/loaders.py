@@ -66,10 +66,23 @@ class UnsafeCheckpointError(ValueError):
 
 
 def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
-    """A ``.safetensors`` file as a state dict (memory-mapped, zero-copy on CPU)."""
-    from safetensors.torch import load_file
+    """A ``.safetensors`` file as a state dict (memory-mapped, zero-copy on CPU).
 
-    return dict(load_file(str(path), device=device))
+    On CPU the file is mapped once (copy-on-write) and its pages are mapped in one call, the
+    kernel reading ahead in long runs (:mod:`modelcache._safetensors_map`,
+    :mod:`modelcache._prefault`); nothing is copied. Other devices, and files that reader does
+    not know, go through ``safetensors.torch.load_file``.
+    """
+    from modelcache._prefault import populate
+    from modelcache._safetensors_map import map_safetensors
+
+    state = map_safetensors(path) if device == "cpu" else None
+    if state is None:
+        from safetensors.torch import load_file
+
+        state = dict(load_file(str(path), device=device))
+    populate(state.values())
+    return state
 
 
 def load_torch(path: Path, device: str = "cpu") -> Any:

@@ -1,0 +1,454 @@
+"""Links like real ones: nginx behind a rate-limited veth pair, modelcache beside curl.
+
+The harness creates two network namespaces (an origin and a client) joined by a veth pair whose
+origin side is shaped with ``tc qdisc ... tbf`` (this kernel has tbf but no netem, so there is no
+added delay), runs nginx inside the origin namespace and every client inside the client
+namespace, and removes both namespaces at the end. Its addresses live only inside them
+(10.199.x.0/24). Contenders, rounds alternating, each in a fresh interpreter timed after its
+imports:
+
+- modelcache ``Cache.fetch`` with the sha256 (verified while writing);
+- ``curl -o FILE`` (writes, verifies nothing) and ``curl -o /dev/null`` (nothing written);
+- requests streaming 1 MiB chunks with sha256 in the loop (the fastest Python peer that verifies).
+
+Links: 2 Gbit/s and 8 Gbit/s, then 2 Gbit/s with every connection capped at 20 MiB/s by nginx's
+``limit_rate`` (a CDN). At 8 Gbit/s a sampler inside the modelcache process records, every 5 ms,
+what each thread is doing (running, or waiting: on another thread, on the socket, on the disk),
+which shows where the time goes. Creating namespaces needs root; without it (or without ``ip``,
+``tc`` or nginx) the module says so in its note rather than failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from common import MiB, alternate, nginx, ratio, row, sha256_speed, summarize  # noqa: E402
+
+FULL = {"size": 1024 * MiB, "rounds": 5, "capped_size": 512 * MiB}
+QUICK = {"size": 32 * MiB, "rounds": 1, "capped_size": 16 * MiB}
+LINKS_GBIT = (2, 8)
+CAP = 20 * MiB  # bytes/s per connection when capped
+GOAL_OF_LINK = 0.95
+
+ORIGIN_IP, CLIENT_IP = "10.199.{n}.1", "10.199.{n}.2"
+
+# -- the namespaces -----------------------------------------------------------------------------
+
+
+def why_not() -> str | None:
+    """Why the namespaces cannot be made here, or ``None`` when they can."""
+    if os.geteuid() != 0:
+        return "not root: network namespaces and tc need root"
+    for tool in ("ip", "tc", "curl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        return "nginx is not installed"
+    return None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def _remove_stale() -> None:
+    """Remove namespaces an earlier run left behind when it was killed (its process is gone)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        pid = name[3:].split("-")[0] if name.startswith("mcb") else ""
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def link(gbit: float) -> Iterator[tuple[str, str, str]]:
+    """Origin and client namespaces joined by a veth pair shaped to ``gbit`` on the origin side.
+
+    Yields ``(origin namespace, client namespace, origin address)``; removes both at the end.
+    """
+    _remove_stale()
+    n = os.getpid() % 250
+    tag = f"mcb{os.getpid()}"
+    origin, client = f"{tag}-o", f"{tag}-c"
+    made: list[str] = []
+    try:
+        for ns in (origin, client):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip(
+            "link",
+            "add",
+            "vo",
+            "netns",
+            origin,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vc",
+            "netns",
+            client,
+        )
+        _ip("-n", origin, "addr", "add", f"{ORIGIN_IP.format(n=n)}/24", "dev", "vo")
+        _ip("-n", client, "addr", "add", f"{CLIENT_IP.format(n=n)}/24", "dev", "vc")
+        for ns, dev in ((origin, "vo"), (client, "vc")):
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        burst = max(1, int(gbit * 2))  # MiB: enough for a 64 KiB GSO packet at any rate
+        subprocess.run(
+            ["ip", "netns", "exec", origin, "tc", "qdisc", "add", "dev", "vo", "root", "tbf",
+             "rate", f"{gbit}gbit", "burst", f"{burst}mb", "latency", "50ms"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        yield origin, client, ORIGIN_IP.format(n=n)
+    finally:
+        for ns in made:  # deleting a namespace deletes its end of the veth pair, and the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# -- the contenders (each a child in the client namespace) ------------------------------------
+
+CPU = """
+import json, os, sys, time
+def cpu():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+"""
+
+MODELCACHE = (
+    CPU
+    + """
+import shutil
+from modelcache import Cache
+url, digest, home, sample = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+sampler = None
+if sample:
+    sys.path.insert(0, sys.argv[5])
+    from bench_link import ThreadSampler
+    sampler = ThreadSampler()
+c, began = cpu(), time.perf_counter()
+if sampler: sampler.start()
+Cache(home, read_only_paths=[], offline=False).fetch(url, digest)
+took = time.perf_counter() - began
+if sampler: sampler.stop()
+print(json.dumps({"s": took, "cpu": cpu() - c, "threads": sampler.summary() if sampler else {}}))
+shutil.rmtree(home, ignore_errors=True)
+"""
+)
+
+CURL = (
+    CPU
+    + """
+import subprocess
+url, target = sys.argv[1], sys.argv[2]
+c, began = cpu(), time.perf_counter()
+subprocess.run(["curl", "-sS", "--fail", "-o", target, url], check=True)
+took = time.perf_counter() - began
+print(json.dumps({"s": took, "cpu": cpu() - c}))
+if target != os.devnull:
+    os.unlink(target)
+"""
+)
+
+REQUESTS = (
+    CPU
+    + """
+import hashlib, requests
+url, target = sys.argv[1], sys.argv[2]
+session = requests.Session()
+c, began = cpu(), time.perf_counter()
+digest = hashlib.sha256()
+with session.get(url, stream=True, timeout=60) as response, open(target, "wb") as out:
+    response.raise_for_status()
+    for block in response.iter_content(1 << 20):
+        out.write(block)
+        digest.update(block)
+took = time.perf_counter() - began
+print(json.dumps({"s": took, "cpu": cpu() - c}))
+os.unlink(target)
+"""
+)
+
+
+class ThreadSampler:
+    """Every 5 ms, what each thread of this process is doing, from ``/proc/self/task``.
+
+    A thread is *running* (state R), or waiting: on another thread (``futex``: a queue, a lock,
+    the GIL), on the socket (``wait_woken``/``sk_wait_data``: no data yet), on the disk (state D),
+    or elsewhere. Threads are grouped by name (``modelcache-1``... into ``modelcache-N``).
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.interval = interval
+        self.counts: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def start(self) -> None:
+        """Start sampling."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import threading
+
+        own = str(threading.get_native_id())
+        while not self._stop.wait(self.interval):
+            names = {str(t.native_id): t.name for t in threading.enumerate()}
+            for tid in os.listdir("/proc/self/task"):
+                if tid == own:
+                    continue
+                with contextlib.suppress(OSError):
+                    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+                    wchan = Path(f"/proc/self/task/{tid}/wchan").read_text().strip()
+                    name = names.get(tid) or stat[stat.index("(") + 1 : stat.rindex(")")]
+                    state = stat[stat.rindex(")") + 2]
+                    group = _group(name)
+                    what = _activity(state, wchan)
+                    bucket = self.counts.setdefault(group, {})
+                    bucket[what] = bucket.get(what, 0) + 1
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per thread group, the share of its samples in each activity (0-1)."""
+        out = {}
+        for group, counts in self.counts.items():
+            total = sum(counts.values())
+            out[group] = {what: n / total for what, n in sorted(counts.items())}
+        return out
+
+
+def _group(name: str) -> str:
+    stem = name.rstrip("0123456789")
+    return f"{stem}N" if stem != name and stem.endswith("-") else name
+
+
+def _activity(state: str, wchan: str) -> str:
+    if state == "R":
+        return "running"
+    if state == "D":
+        return "disk"
+    if "futex" in wchan:
+        return "waiting on a thread"
+    if wchan in {"wait_woken", "sk_wait_data", "inet_csk_wait_for_connect"} or "sk_" in wchan:
+        return "waiting on the socket"
+    if "poll" in wchan or "select" in wchan or "epoll" in wchan:
+        return "waiting on the socket"
+    return f"other ({wchan or state})"
+
+
+def _child(client: str, code: str, *argv: str) -> dict[str, Any]:
+    env = dict(os.environ, MODELCACHE_PROGRESS="0")
+    done = subprocess.run(
+        ["ip", "netns", "exec", client, sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"a client failed in {client}:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def contenders(
+    client: str, url: str, digest: str, work: Path, *, sample: bool = False, curl_only: bool = False
+) -> dict[str, Callable[[], dict[str, Any]]]:
+    """The clients, each a callable that fetches once and returns its figures."""
+    out = {
+        "modelcache (sha256 included)": lambda: _child(
+            client, MODELCACHE, url, digest, str(work / "mc"), "1" if sample else "0", str(HERE)
+        ),
+        "curl -o FILE (verifies nothing)": lambda: _child(
+            client, CURL, url, str(work / "curl.bin")
+        ),
+    }
+    if not curl_only:
+        out["curl -o /dev/null (nothing written)"] = lambda: _child(client, CURL, url, os.devnull)
+        out["requests + sha256 in the loop"] = lambda: _child(
+            client, REQUESTS, url, str(work / "requests.bin")
+        )
+    return out
+
+
+def _rows(
+    figure: str,
+    title: str,
+    measured: dict[str, list[dict[str, Any]]],
+    size: int,
+    link_mib_s: float,
+    goal: str,
+    suffix: str = "",
+) -> list[dict[str, Any]]:
+    speed = {name: [size / MiB / m["s"] for m in ms] for name, ms in measured.items()}
+    cpu = {name: [m["cpu"] / (size / 1024 / MiB) for m in ms] for name, ms in measured.items()}
+    ours = "modelcache (sha256 included)"
+    curl = "curl -o FILE (verifies nothing)"
+    rows = []
+    for name, values in speed.items():
+        extra: dict[str, Any] = {
+            "of the link": ratio(summarize(values).median, link_mib_s),
+            "vs curl -o FILE, per round": summarize(
+                [ratio(a, b) for a, b in zip(values, speed[curl], strict=True)]
+            ).median,
+            "client CPU s/GiB": summarize(cpu[name]).median,
+        }
+        if name == ours:
+            extra["goal"] = goal
+            extra["met"] = summarize(values).median / link_mib_s >= GOAL_OF_LINK
+        rows.append(
+            row(figure, name + suffix, values, unit="MiB/s", better="higher", title=title, **extra)
+        )
+    return rows
+
+
+def _link_mib_s(gbit: float) -> float:
+    return gbit * 1e9 / 8 / MiB
+
+
+def _write_random(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        for _ in range(size // (8 * MiB) or 1):
+            block = os.urandom(min(size, 8 * MiB))
+            handle.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _merge_threads(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    merged: dict[str, dict[str, list[float]]] = {}
+    for sample in samples:
+        for group, shares in sample.get("threads", {}).items():
+            for what, share in shares.items():
+                merged.setdefault(group, {}).setdefault(what, []).append(share)
+    return {
+        group: {what: sum(v) / len(samples) for what, v in shares.items()}
+        for group, shares in merged.items()
+    }
+
+
+def where_the_time_goes(threads: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per thread group: the share of its time running and waiting (percent)."""
+    kinds = ["running", "waiting on the socket", "waiting on a thread", "disk"]
+    rows = []
+    for group, shares in sorted(threads.items()):
+        other = 1 - sum(shares.get(k, 0.0) for k in kinds)
+        cells = {f"{k} %": 100 * shares.get(k, 0.0) for k in kinds}
+        rows.append(
+            {
+                "figure": "link-threads",
+                "name": group,
+                "title": "Where the time goes at 8 Gbit/s: modelcache's threads, sampled every "
+                "5 ms",
+                **cells,
+                "other %": 100 * max(0.0, other),
+            }
+        )
+    if rows:
+        rows[0]["note"] = (
+            "Each thread's samples (state from /proc/self/task/*/stat, wait channel from .../wchan)"
+            ": 'waiting on a thread' is a futex (a queue, a lock or the GIL); 'waiting on the "
+            "socket' means no data had arrived; 'disk' is uninterruptible sleep (writeback). "
+            "MainThread waits for the workers while they fetch."
+        )
+    return rows
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """The link figures, or one row saying why they could not be measured here."""
+    problem = why_not()
+    ceiling = row(
+        "link-sha256",
+        "hashlib.sha256 in memory, one core",
+        sha256_speed(64 * MiB if quick else 256 * MiB),
+        unit="MiB/s",
+        better="higher",
+        title="SHA-256's own speed on this machine (the ceiling of a verifying client)",
+    )
+    if problem is not None:
+        print(f"  bench_link: skipped: {problem}", file=sys.stderr, flush=True)
+        ceiling["note"] = f"The link figures were not measured here: {problem}."
+        return [ceiling]
+    plan = QUICK if quick else FULL
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-link-", dir=os.environ.get("BENCH_TMP")) as d:
+        work = Path(d)
+        origin_dir = work / "origin"
+        origin_dir.mkdir()
+        digest = _write_random(origin_dir / "model.bin", plan["size"])
+        capped_digest = _write_random(origin_dir / "capped.bin", plan["capped_size"])
+        files = work / "client"
+        files.mkdir()
+        for gbit in LINKS_GBIT:
+            with (
+                link(gbit) as (origin, client, address),
+                nginx(origin_dir, host=address, netns=origin) as base,
+            ):
+                url = f"{base}/model.bin"
+                sample = gbit == max(LINKS_GBIT)
+                fetchers = contenders(client, url, digest, files, sample=sample)
+                alternate(fetchers, 1)  # untimed: page cache, connections, imports
+                measured = alternate(fetchers, plan["rounds"])
+            link_speed = _link_mib_s(gbit)
+            rows += _rows(
+                "link-rate",
+                f"Fetching {plan['size'] // MiB} MiB over a veth link shaped by tbf",
+                measured,
+                plan["size"],
+                link_speed,
+                f">= {GOAL_OF_LINK}x the link ({gbit} Gbit/s = {link_speed:.0f} MiB/s; issue 16)",
+                suffix=f" @ {gbit} Gbit/s",
+            )
+            if sample:
+                threads = _merge_threads(measured["modelcache (sha256 included)"])
+        with (
+            link(2) as (origin, client, address),
+            nginx(origin_dir, host=address, netns=origin, limit_rate=CAP) as base,
+        ):
+            fetchers = contenders(
+                client, f"{base}/capped.bin", capped_digest, files, curl_only=True
+            )
+            measured = alternate(fetchers, max(1, plan["rounds"] - 2))
+        rows += _rows(
+            "link-capped",
+            f"2 Gbit/s with every connection capped at {CAP // MiB} MiB/s "
+            f"({plan['capped_size'] // MiB} MiB)",
+            measured,
+            plan["capped_size"],
+            _link_mib_s(2),
+            f">= {GOAL_OF_LINK}x the link when connections are capped (issue 16)",
+        )
+    rows += where_the_time_goes(threads)
+    rows[0]["note"] = (
+        "'of the link' is the median speed over the tbf rate (1 Gbit/s = 119.2 MiB/s); "
+        "'client CPU s/GiB' is the CPU seconds of the client process, its threads and children "
+        "per GiB (nginx's work is not in it). The origin and the client share this machine's 2 "
+        "cores."
+    )
+    rows.append(ceiling)
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run("--quick" in sys.argv), indent=1))
