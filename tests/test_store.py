@@ -315,3 +315,29 @@ def test_two_repos_that_share_a_file_share_its_blob(cache: Cache, hub: HubStandI
     assert (other / "config.json").read_bytes() == b'{"v": 2}'
     assert sha(weights) in _blobs(cache.path)
     assert len(_blobs(cache.path)) == 3  # the weights once, two configs
+
+
+def test_a_refresh_swaps_the_entry_in_one_step(cache: Cache, model_server: ModelServer) -> None:
+    url = model_server.add("swapped.bin", make_payload(2000, 1))
+    cache.fetch(url)
+    (entry,) = cache.entries()
+    meta = entry.path.parent / "meta.json"
+    missing = 0
+    done = threading.Event()
+
+    def refresh() -> None:
+        try:
+            for version in range(2, 40):
+                model_server.add("swapped.bin", make_payload(2000, version))
+                cache.fetch_details(url, refresh=True)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=refresh)
+    worker.start()
+    while not done.is_set():  # a reader never finds the entry gone while it is replaced
+        missing += not meta.exists()
+    worker.join()
+    assert missing == 0
+    assert cache.fetch(url).read_bytes() == make_payload(2000, 39)
+    assert len(cache.entries()) == 1

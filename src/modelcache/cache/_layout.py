@@ -21,7 +21,9 @@ no ref and is garbage.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -230,7 +232,11 @@ class Layer:
             _write_json(staging / _META, {"format": LAYOUT, **meta, "created": now_iso()})
             final = self.refs / key
             if final.exists() and (replace or self.ref(key) is None):
-                self.discard(final)  # a refreshed ref, or a broken leftover
+                # a refreshed ref, or a broken leftover: swapped in one step where the system
+                # can (the old one is then in staging and deleted below), else moved away first
+                if _exchange(staging, final):
+                    return self.ref(key)
+                self.discard(final)
             try:
                 os.rename(staging, final)
             except OSError as error:
@@ -286,6 +292,25 @@ class Layer:
                 with contextlib.suppress(OSError):
                     total += blob.stat().st_size
         return total
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the filesystem cannot, and nothing was changed."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(done == 0)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def _link(blob: Path, target: Path) -> None:
