@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from .stores import free_port
+from .stores import free_port, stop_process
 
 __all__ = [
     "LFS_THRESHOLD",
@@ -223,14 +223,8 @@ class OlahServer:
     def stop(self) -> None:
         """Stop olah (kill it if it lingers)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        if process is not None:
+            stop_process(process)
 
     @property
     def running(self) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .stores import free_port
+from .stores import free_port, stop_process
 
 __all__ = [
     "PASSWORD",
@@ -242,13 +242,7 @@ class Registry:
 
     def stop(self) -> None:
         """Stop the registry (and its token server)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         if self.token_server is not None:
             self.token_server.close()
 

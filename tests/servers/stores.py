@@ -46,13 +46,18 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Terminate the server (kill it if it lingers)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """Terminate a server process, and kill it if it lingers more than 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def _start(command: list[str], port: int, timeout: float = 60.0) -> ServerProcess:
