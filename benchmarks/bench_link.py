@@ -28,15 +28,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _path in (HERE, HERE.parent / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from common import MiB, alternate, nginx, ratio, row, sha256_speed, summarize  # noqa: E402
+from servers import netns  # noqa: E402
 
 FULL = {"size": 1024 * MiB, "rounds": 5, "capped_size": 512 * MiB}
 QUICK = {"size": 32 * MiB, "rounds": 1, "capped_size": 16 * MiB}
@@ -44,81 +46,18 @@ LINKS_GBIT = (2, 8)
 CAP = 20 * MiB  # bytes/s per connection when capped
 GOAL_OF_LINK = 0.95
 
-ORIGIN_IP, CLIENT_IP = "10.199.{n}.1", "10.199.{n}.2"
-
-# -- the namespaces -----------------------------------------------------------------------------
+# -- the namespaces (tests/servers/netns.py, shared with tests/test_replicas.py) -------------
 
 
 def why_not() -> str | None:
     """Why the namespaces cannot be made here, or ``None`` when they can."""
-    if os.geteuid() != 0:
-        return "not root: network namespaces and tc need root"
-    for tool in ("ip", "tc", "curl"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+    problem = netns.why_not("tc", "curl")
+    if problem is None and shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         return "nginx is not installed"
-    return None
+    return problem
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-def _remove_stale() -> None:
-    """Remove namespaces an earlier run left behind when it was killed (its process is gone)."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for line in listed.splitlines():
-        name = line.split()[0] if line.split() else ""
-        pid = name[3:].split("-")[0] if name.startswith("mcb") else ""
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
-@contextlib.contextmanager
-def link(gbit: float) -> Iterator[tuple[str, str, str]]:
-    """Origin and client namespaces joined by a veth pair shaped to ``gbit`` on the origin side.
-
-    Yields ``(origin namespace, client namespace, origin address)``; removes both at the end.
-    """
-    _remove_stale()
-    n = os.getpid() % 250
-    tag = f"mcb{os.getpid()}"
-    origin, client = f"{tag}-o", f"{tag}-c"
-    made: list[str] = []
-    try:
-        for ns in (origin, client):
-            _ip("netns", "add", ns)
-            made.append(ns)
-        _ip(
-            "link",
-            "add",
-            "vo",
-            "netns",
-            origin,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "vc",
-            "netns",
-            client,
-        )
-        _ip("-n", origin, "addr", "add", f"{ORIGIN_IP.format(n=n)}/24", "dev", "vo")
-        _ip("-n", client, "addr", "add", f"{CLIENT_IP.format(n=n)}/24", "dev", "vc")
-        for ns, dev in ((origin, "vo"), (client, "vc")):
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        burst = max(1, int(gbit * 2))  # MiB: enough for a 64 KiB GSO packet at any rate
-        subprocess.run(
-            ["ip", "netns", "exec", origin, "tc", "qdisc", "add", "dev", "vo", "root", "tbf",
-             "rate", f"{gbit}gbit", "burst", f"{burst}mb", "latency", "50ms"],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        yield origin, client, ORIGIN_IP.format(n=n)
-    finally:
-        for ns in made:  # deleting a namespace deletes its end of the veth pair, and the pair
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+link = netns.link
 
 
 # -- the contenders (each a child in the client namespace) ------------------------------------
