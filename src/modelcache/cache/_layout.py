@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,15 @@ class LayoutError(ModelCacheError):
 
 @dataclass(frozen=True)
 class Ref:
-    """A published ref: its directory and its ``meta.json``."""
+    """A published ref: its directory, its ``meta.json`` and when it was last used.
+
+    ``used`` is the time of the ``meta.json`` that was read (the same open file), so a ref
+    another process evicts meanwhile still has one.
+    """
 
     directory: Path
     meta: Mapping[str, Any]
+    used: float = field(default=0.0, compare=False)
 
     @property
     def key(self) -> str:
@@ -83,8 +88,8 @@ class Ref:
 
     @property
     def last_used(self) -> float:
-        """When the ref was last used (the time of its ``meta.json``)."""
-        return (self.directory / _META).stat().st_mtime
+        """When the ref was last used (the time of its ``meta.json`` when it was read)."""
+        return self.used
 
 
 def read_json(path: Path) -> Any:
@@ -158,11 +163,16 @@ class Layer:
     def ref(self, key: str) -> Ref | None:
         """The published ref ``key``, if there is one."""
         directory = self.refs / key
-        meta = read_json(directory / _META)
+        try:
+            with open(directory / _META, "rb") as file:
+                used = os.fstat(file.fileno()).st_mtime
+                meta = json.loads(file.read())
+        except (OSError, ValueError):
+            return None
         required = ("key", "name", "size", "sha256", "files")
         if not isinstance(meta, dict) or any(k not in meta for k in required):
             return None
-        return Ref(directory, meta)
+        return Ref(directory, meta, used)
 
     def all_refs(self) -> Iterator[Ref]:
         """Every published ref, sorted by key."""
