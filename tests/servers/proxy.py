@@ -60,6 +60,8 @@ class FaultProxy:
         """``(method, path)`` of every request received, in order."""
         self.headers: list[dict[str, str]] = []
         """The headers of each of those requests."""
+        self.bytes_sent = 0
+        """Body bytes relayed to clients so far (all requests)."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._server.block_on_close = False
@@ -104,9 +106,10 @@ class FaultProxy:
             self._faults.append(_Fault(match, times, location=location))
 
     def clear(self) -> None:
-        """Disarm every fault and forget the requests seen."""
+        """Disarm every fault and forget the requests seen (and the bytes sent)."""
         with self._lock:
             self._faults.clear()
+            self.bytes_sent = 0
             self.requests.clear()
             self.headers.clear()
 
@@ -114,6 +117,11 @@ class FaultProxy:
         """How many requests received so far match."""
         with self._lock:
             return sum(1 for method, path in self.requests if match(method, path))
+
+    def sent(self, nbytes: int) -> None:
+        """Count ``nbytes`` of body relayed."""
+        with self._lock:
+            self.bytes_sent += nbytes
 
     def _take(self, method: str, path: str, headers: dict[str, str]) -> _Fault | None:
         with self._lock:
@@ -220,12 +228,14 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     return
                 if cut is not None and sent + len(data) >= cut:
                     self.wfile.write(data[: cut - sent])
+                    proxy.sent(cut - sent)
                     self.wfile.flush()
                     self.close_connection = True
                     with contextlib.suppress(OSError):
                         self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 self.wfile.write(data)
+                proxy.sent(len(data))
                 sent += len(data)
 
     return Handler
