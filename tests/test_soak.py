@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST, MiB, make_payload, wait_for
+from conftest import FAST, MiB, make_payload, sha, wait_for
 from servers.proxy import FaultProxy
 from servers.stores import S3Bucket
 
@@ -481,3 +481,28 @@ def test_prune_and_entries_while_another_process_evicts(
     evicted = sum(model_server.requests.values()) - len(urls)
     assert rounds > 50, f"only {rounds} rounds of prune and entries"
     assert evicted > 50, f"the other process evicted only {evicted} times"
+
+
+def test_an_entry_evicted_while_it_is_looked_up_is_a_miss_not_corruption(
+    cache: Cache, model_server: ModelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader that read an entry's ``meta.json`` just before another process evicted it
+    finds its file gone: that is a miss, not a corrupt entry whose blob is deleted (the blob
+    that another entry shares, so fetching the first again needs no download)."""
+    data = make_payload(MiB, 3)
+    one = model_server.add("one/w.bin", data)
+    two = model_server.add("two/w.bin", data)
+    key = cache.fetch_details(one, sha(data)).key
+    cache.fetch(two, sha(data))  # a second entry of the same bytes: one blob
+    store = cache._store()
+    layer = store.writable()
+    seen = layer.ref(key)  # a reader has read the entry's meta.json...
+    assert seen is not None
+    Cache._leases.give_back_all()
+    cache.remove(key)  # ...when another process evicts it
+    assert store.serve(layer, seen, one) is None
+    assert "corrupt" not in caplog.text
+    model_server.reset_counts()
+    assert cache.fetch(one, sha(data)).read_bytes() == data
+    assert model_server.count("one/w.bin") == (0, 0)  # made from the shared blob
+    assert cache.verify() == []

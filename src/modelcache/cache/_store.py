@@ -117,6 +117,8 @@ class Store:
             if not self.trust.holds(
                 path, record["size"], record["sha256"], reseal=not layer.read_only
             ):
+                if layer.ref(ref.key) != ref:
+                    return None  # evicted or replaced by another process meanwhile: a miss
                 log.warning(
                     "cache entry %s is corrupt (%s); it will be fetched again",
                     ref.directory,
