@@ -41,7 +41,7 @@ def soak(session: nox.Session) -> None:
         "-s",
         "-p",
         "no:cacheprovider",
-        "tests/test_soak.py",
+        "tests/test_soak.py::test_soak",
         env={"SOAK_SECONDS": seconds, "SOAK_REPORT": "soak.json"},
     )
 
