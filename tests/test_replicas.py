@@ -126,8 +126,10 @@ def test_replicas_on_their_own_hosts_fetch_once_per_cache_and_load_equal_tensors
                 )
             # every replica has reached the origin from its own address and waits: start at once
             wait_for(
-                lambda: all((tmp_path / f"ready{i}").exists() for i in range(REPLICAS))
-                or any(p.poll() is not None for p in procs),
+                lambda: (
+                    all((tmp_path / f"ready{i}").exists() for i in range(REPLICAS))
+                    or any(p.poll() is not None for p in procs)
+                ),
                 timeout=120,
                 what="the replicas to reach the origin",
             )

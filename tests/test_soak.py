@@ -483,8 +483,8 @@ def test_prune_and_entries_while_another_process_evicts(
         churn.kill()
         churn.communicate()
     evicted = sum(model_server.requests.values()) - len(urls)
-    assert rounds > 50, f"only {rounds} rounds of prune and entries"
-    assert evicted > 50, f"the other process evicted only {evicted} times"
+    assert rounds > 20, f"only {rounds} rounds of prune and entries"
+    assert evicted > 20, f"the other process evicted only {evicted} times"
 
 
 def test_an_entry_evicted_while_it_is_looked_up_is_a_miss_not_corruption(
