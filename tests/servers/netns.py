@@ -60,7 +60,7 @@ def remove_stale() -> None:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for line in listed.splitlines():
         name = line.split()[0] if line.split() else ""
-        if _gone(name + "-"):
+        if _gone(name):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
     links = subprocess.run(
         ["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True
