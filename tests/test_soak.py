@@ -264,7 +264,9 @@ def test_soak(
     seconds = float(os.environ.get("SOAK_SECONDS", "15"))
     seed = int(os.environ.get("SOAK_SEED", str(random.randrange(1 << 30))))
     print(f"soak: seed {seed}, {seconds:.0f} s (SOAK_SEED={seed} repeats it)")
-    rng = random.Random(seed)
+    # the kills and the faults each draw from their own generator, so the schedule of kills
+    # (times from the end of the cold start, victims) is the same whatever the cold start took
+    kill_rng, fault_rng = random.Random(f"{seed}-kills"), random.Random(f"{seed}-faults")
     models: list[dict[str, Any]] = []
     every_file = 0  # the bytes of the four files
     for n, mib in enumerate((2, 3, 4)):
@@ -317,24 +319,25 @@ def test_soak(
         return _Process(index, command, log, tmp_path / f"worker{index}.stderr")
 
     def inject_fault() -> None:
-        model = rng.choice(models)
+        model = fault_rng.choice(models)
         if model["name"] == "s3":
-            if rng.random() < 0.5:
+            if fault_rng.random() < 0.5:
                 s3_proxy.fail(times=1, status=500, match=lambda m, p: m == "GET")
             else:
-                s3_proxy.cut(rng.randrange(1, 2 * MiB), match=lambda m, p: m == "GET")
+                s3_proxy.cut(fault_rng.randrange(1, 2 * MiB), match=lambda m, p: m == "GET")
         else:
             name = Path(model["original"]).name
-            if rng.random() < 0.5:
+            if fault_rng.random() < 0.5:
                 model_server.fail_next(name, 1, 500)
             else:
-                model_server.cut_after(name, rng.randrange(1, 2 * MiB))
+                model_server.cut_after(name, fault_rng.randrange(1, 2 * MiB))
 
     def served() -> int:
         return sum(model_server.bytes_sent.values()) + s3_proxy.bytes_sent
 
     processes = [start(i) for i in range(PROCESSES)]
     kills = faults = checks = 0
+    victims: list[int] = []  # the same for one seed, run after run
     violations: list[str] = []
 
     def died() -> None:
@@ -349,33 +352,34 @@ def test_soak(
     try:
         # a cold start: every process fetches every model once while the origins fail (no kills)
         warm_by = time.monotonic() + 120
-        next_fault = time.monotonic() + rng.uniform(*FAULT_EVERY)
+        next_fault = time.monotonic() + fault_rng.uniform(*FAULT_EVERY)
         while sum(1 for item in list(log) if "warm" in item) < PROCESSES:
             assert time.monotonic() < warm_by, f"seed {seed}: the cold start took over 120 s"
             if time.monotonic() >= next_fault:
                 inject_fault()
                 faults += 1
-                next_fault = time.monotonic() + rng.uniform(*FAULT_EVERY)
+                next_fault = time.monotonic() + fault_rng.uniform(*FAULT_EVERY)
             died()
             assert violations == [], f"seed {seed}: {violations}"
             time.sleep(0.02)
         cold = served()
         go.touch()
         began = time.monotonic()
-        next_kill = began + rng.uniform(*KILL_EVERY)
+        next_kill = began + kill_rng.uniform(*KILL_EVERY)
         next_check = began + 1.0
         while time.monotonic() - began < seconds:
             now = time.monotonic()
             if now >= next_kill:
-                victim = rng.randrange(PROCESSES)
+                victim = kill_rng.randrange(PROCESSES)
+                victims.append(victim)
                 processes[victim].kill(log)
                 processes[victim] = start(victim)
                 kills += 1
-                next_kill = now + rng.uniform(*KILL_EVERY)
+                next_kill = now + kill_rng.uniform(*KILL_EVERY)
             if now >= next_fault:
                 inject_fault()
                 faults += 1
-                next_fault = now + rng.uniform(*FAULT_EVERY)
+                next_fault = now + fault_rng.uniform(*FAULT_EVERY)
             if now >= next_check:
                 for home in homes:
                     violations += _check_cache(home)
@@ -406,6 +410,7 @@ def test_soak(
         "seconds": seconds,
         "processes": PROCESSES,
         "kills": kills,
+        "victims": victims,
         "faults": faults,
         "ops": dict(ops),
         "ops_ok": dict(done),
