@@ -129,8 +129,6 @@ while True:
                 if not numpy.array_equal(state[key], tensor):
                     say(violation=f"{name}: tensor {key} differs from the original")
             status = handle.status()
-            if status["cache_hit"] is False:
-                say(miss=name, size=status["bytes_total"])
             if name not in held:
                 held[name] = status["path"]
                 say(held=keys[name][:16], t=time.time())
