@@ -672,6 +672,44 @@ def test_prune_keeps_an_entry_while_any_handle_serves_it(
     assert len(cache.prune(0)) == 1
 
 
+def test_a_failed_load_lets_the_cache_evict_its_entry(
+    model_server: ModelServer, cache: Cache
+) -> None:
+    """A fetched file nobody serves holds no lease: prune and ``modelcache rm`` can remove it."""
+    failing = handle("broken", model_server.add("broken.bin", b"x"), cache, loader=_refuse)
+    with pytest.raises(LoadError):
+        failing.get()
+    assert [e.source for e in cache.prune(0)] == [failing.status()["source"]]
+
+
+def test_a_reload_dropped_by_unload_lets_the_cache_evict_both_versions(
+    model_server: ModelServer, cache: Cache
+) -> None:
+    gate = threading.Event()
+    calls: list[Path] = []
+
+    def slow_second_load(path: Path) -> bytes:
+        calls.append(path)
+        if len(calls) == 2:
+            gate.wait(10)
+        return path.read_bytes()
+
+    v1, v2 = model_server.add("v1.bin", b"one"), model_server.add("v2.bin", b"two")
+    h = handle("m", v1, cache, loader=slow_second_load)
+    h.get()
+    h.reload(source=v2)
+    wait_for(reload_is(h, "loading"), 10, "the reload to load")
+    h.unload()  # drops the reload under way
+    gate.set()
+    wait_for(reload_is(h, "cancelled"), 10, "the reload to end")
+    assert sorted(e.source for e in cache.prune(0)) == sorted([v1, v2])
+    h.close()
+
+
+def _refuse(path: Path) -> Any:
+    raise ValueError("not a model")
+
+
 def test_unload_during_fetch_abandons_the_attempt(model_server: ModelServer, cache: Cache) -> None:
     url = throttled(model_server, "m.bin", 256 * KiB, seconds=0.6)
     loader = CountingLoader()

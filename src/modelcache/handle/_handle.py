@@ -186,7 +186,7 @@ class ModelHandle:
         """Make sure the file(s) are in the cache and return the local ``Path``; loads nothing."""
         with self._machine.lock:
             sources, sha256 = self._machine.sources, self._machine.sha256
-        return self._machine.new_run(sources, sha256).fetch().path
+        return self._machine.new_run(sources, sha256).fetch(hold=False).path
 
     # -- unloading, reloading, closing --------------------------------------------------------
 

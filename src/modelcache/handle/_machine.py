@@ -229,26 +229,31 @@ class StateMachine:
             )
             raise
         finally:
-            self._finish(attempt, loaded, run.timings, error, host.idle_unload)
+            self._finish(attempt, run, loaded, error, host.idle_unload)
 
     def _finish(
         self,
         attempt: Attempt,
+        run: LoadRun,
         loaded: Loaded | None,
-        timings: Timings,
         error: ModelCacheError | None,
         idle_unload: float | None,
     ) -> None:
+        """End the attempt: READY with ``loaded``, or FAILED. A result not served is let go of
+        before anyone waiting on the attempt wakes up."""
+        old_held = None
         with self.lock:
             if self._attempt is not attempt:
+                run.let_go()
                 attempt.end()
                 return  # unloaded or closed while working: drop the result
             if loaded is not None:
-                self._install(loaded)
+                _, old_held = self._install(loaded)
                 self.state, self.last_used = State.READY, time.monotonic()
                 log.info("model %s ready (%s)", self._name, _describe(self.progress.timings))
             else:
-                self.progress.timings.update(timings)
+                run.let_go()
+                self.progress.timings.update(run.timings)
                 self.state, self.failed_at = State.FAILED, time.monotonic()
                 self.error = error or LoadError(
                     "the attempt ended without a result",
@@ -261,6 +266,8 @@ class StateMachine:
                 else:
                     log.warning("model %s failed: %s", self._name, shown)
             attempt.end()
+        if old_held is not None:
+            _holds.let_go(*old_held)
         if loaded is not None and idle_unload:
             with self.lock:
                 self._idle.start(
@@ -270,12 +277,11 @@ class StateMachine:
                 )
 
     def _install(self, loaded: Loaded) -> tuple[Any, tuple[Cache, Path, str | None] | None]:
-        """Serve ``loaded`` (lock held); returns the model and the cached file it replaces."""
+        """Serve ``loaded`` (lock held; its run's hold on the file passes to the handle); returns
+        the model and the cached file it replaces, which the caller lets go of."""
         fetched = loaded.fetched
         old_model, self.model = self.model, loaded.model
         old_held, self._held = self._held, (loaded.cache, fetched.path, fetched.key)
-        if old_held is None or old_held[1] != fetched.path:
-            _holds.hold(fetched.path)
         self.loaded_sha256, self.served_from = fetched.sha256, fetched.source
         self.quantization = loaded.quantization
         self.progress = Progress()
@@ -336,22 +342,23 @@ class StateMachine:
             )  # fmt: skip
             job.start(run, self.lock, self._swap, lambda text: self.scrub(text, job.sources))
 
-    def _swap(self, job: ReloadJob, loaded: Loaded) -> None:
-        """Serve the reloaded version, unless the job was superseded, unloaded or closed."""
+    def _swap(self, job: ReloadJob, loaded: Loaded) -> bool:
+        """Serve the reloaded version, unless the job was superseded, unloaded or closed; True
+        when it is served."""
         with self.lock:
             job.progress.timings.update(loaded.timings)
             if job.cancel.is_set() or self.state is not State.READY or self.reload_job is not job:
                 job.end("cancelled")
-                return
+                return False
             old, old_held = self._install(loaded)
             self.sources, self.sha256 = job.sources, job.sha256
             job.end("ready")
             before = rss()
-        new_path = loaded.fetched.path
         del loaded, old
         self._freed(free_memory(before, collect=False), "reloaded")  # no pause for a full gc
-        if old_held is not None and old_held[1] != new_path:
+        if old_held is not None:
             _holds.let_go(*old_held)
+        return True
 
     # -- stopping -----------------------------------------------------------------------------
 

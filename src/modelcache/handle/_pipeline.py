@@ -20,6 +20,7 @@ from modelcache._sources import Source
 from modelcache.cache import Cache, Fetched
 from modelcache.errors import in_context
 
+from . import _holds
 from ._status import Timings, empty_timings
 
 __all__ = ["LoadRun", "Loaded", "Options"]
@@ -59,6 +60,9 @@ class LoadRun:
 
     ``timings`` fills in as the steps finish (also when a later step fails). ``progress`` and
     ``cancel`` are handed to the cache's download.
+
+    The fetched file is held (:mod:`._holds`: the cache may not evict it) from the fetch on;
+    whoever drops the run's result instead of serving it calls :meth:`let_go`.
     """
 
     def __init__(
@@ -81,10 +85,15 @@ class LoadRun:
         self._cancel = cancel
         self._source = self._sources[0]  # what errors name: the serving mirror once fetched
         self._cache: Cache | None = None
+        self._held: Fetched | None = None
         self.timings: Timings = empty_timings()
 
-    def fetch(self) -> Fetched:
-        """Make sure the file(s) are in the cache (the handle's one call into the cache)."""
+    def fetch(self, *, hold: bool = True) -> Fetched:
+        """Make sure the file(s) are in the cache (the handle's one call into the cache).
+
+        ``hold=False``: the file is not counted as served by a handle (``ModelHandle.fetch``
+        hands the path to its caller, and the cache's lease stays, as with ``Cache.fetch``).
+        """
         started = time.monotonic()
         with self._step("fetch"):
             self._cache = self._options.cache
@@ -97,11 +106,22 @@ class LoadRun:
                 cancel=self._cancel,
                 refresh=self._refresh,
             )
+        if hold:
+            _holds.hold(fetched.path)
+            self._held = fetched
         self.timings["fetch_s"] = round(time.monotonic() - started, 4)
         self._source = next(
             (s for s in self._sources if s.redacted == fetched.source), self._sources[0]
         )
         return fetched
+
+    def let_go(self) -> None:
+        """The result is not served (failed, cancelled, superseded): the cache may evict the
+        fetched entry again once no handle of this process serves it."""
+        fetched, self._held = self._held, None
+        if fetched is not None:
+            assert self._cache is not None
+            _holds.let_go(self._cache, fetched.path, fetched.key)
 
     def load(self, fetched: Fetched) -> Loaded:
         """Load the fetched file, quantize the model if asked, and warm it up."""

@@ -73,7 +73,7 @@ class ReloadJob:
         self,
         run: LoadRun,
         lock: AbstractContextManager[Any],
-        swap: Callable[[ReloadJob, Loaded], None],
+        swap: Callable[[ReloadJob, Loaded], bool],
         scrub: Callable[[str], str],
     ) -> None:
         """Run ``run`` in the job's daemon thread; ``lock`` guards the job's fields."""
@@ -89,9 +89,10 @@ class ReloadJob:
         self,
         run: LoadRun,
         lock: AbstractContextManager[Any],
-        swap: Callable[[ReloadJob, Loaded], None],
+        swap: Callable[[ReloadJob, Loaded], bool],
         scrub: Callable[[str], str],
     ) -> None:
+        served = False
         try:
             fetched = run.fetch()
             with lock:
@@ -100,6 +101,7 @@ class ReloadJob:
                 self.state = "loading"
                 self.progress.fetched(fetched.size, fetched.cache_hit, run.timings)
             loaded = run.load(fetched)
+            served = swap(self, loaded)
         except ModelCacheError as error:
             with lock:
                 self.progress.timings.update(run.timings)
@@ -112,5 +114,6 @@ class ReloadJob:
                 self.name,
                 shorten(self.error),
             )
-            return
-        swap(self, loaded)
+        finally:
+            if not served:
+                run.let_go()  # failed or cancelled: the fetched entry is nobody's
