@@ -18,6 +18,7 @@ The anonymous memory each one holds when done (``RssAnon`` after minus before) s
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -121,8 +122,9 @@ PACKAGES = {
 }
 
 
-def write_weights(path: Path, size: int, tensors: int) -> str:
-    """A safetensors file of ``tensors`` bf16 tensors, ``size`` bytes in all, and a ``.pt`` twin.
+def write_weights(path: Path, size: int, tensors: int, *, twin: bool = True) -> str:
+    """A safetensors file of ``tensors`` bf16 tensors, ``size`` bytes in all, and (``twin``) a
+    ``.pt`` twin of the same weights.
 
     Returns the safetensors file's sha256.
     """
@@ -138,7 +140,8 @@ def write_weights(path: Path, size: int, tensors: int) -> str:
         for i in range(tensors)
     }
     save_file(state, str(path))
-    torch.save(state, path.with_suffix(".pt"))
+    if twin:
+        torch.save(state, path.with_suffix(".pt"))
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(8 * MiB):
@@ -170,7 +173,7 @@ def measure(
                 drop_from_page_cache(f)
 
     contenders: dict[str, Callable[[], dict[str, Any]]] = {
-        name: (lambda n=name: _child(n, argv, env)) for name in CODES if _available(name)
+        name: functools.partial(_child, name, argv, env) for name in CODES if _available(name)
     }
     if not cold:
         alternate(contenders, 1)  # untimed: the pages come into the page cache

@@ -43,6 +43,7 @@ MODULES = (
     "bench_s3",
     "bench_start",
     "bench_load",
+    "bench_cold_start",
     "bench_memory",
     "bench_replicas",
     "bench_int8",
