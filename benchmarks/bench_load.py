@@ -105,8 +105,8 @@ state = torch.load(path[: -len(".safetensors")] + ".pt", mmap=True, weights_only
 checksum = touch(state.values())
 """,
     "modelcache ModelHandle": """
-import os
 from modelcache import ModelHandle
+import modelcache.loaders  # imported before the clock, as every peer's own module
 url, digest, cache = sys.argv[2], sys.argv[3], sys.argv[4]
 before = anon(); began = time.perf_counter()
 handle = ModelHandle("weights", source=url, sha256=digest, cache=cache, strategy="eager")
@@ -217,6 +217,12 @@ def rows_for(
         "4 KiB page read (the same pass for each). 'anon MiB held' is RssAnon after minus "
         "before: a loader that reads into buffers of its own holds the file in anonymous "
         "memory; a mapping holds none. "
+        + "What limits this figure: cold, the disk (reading the 1 GiB file with plain 8 MiB "
+        "preads took 0.7-1.1 s here, one to eight threads), and noise between runs of +-0.2 s "
+        "on this shared 2-core VM, so read the per-round ratio over several rounds; this VM "
+        "reports freed memory to its host (virtio-balloon free page reporting), which likely "
+        "makes the first touch of pages dearer for a contender running right after one that "
+        "freed 1 GiB of buffers: the order rotates each round. Warm, the CPU. "
         + (f"Not installed here, so not measured: {', '.join(missing)}. " if missing else "")
         + ("" if len(checks) == 1 else "The contenders' checksums differ! ")
     )

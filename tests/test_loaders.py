@@ -108,6 +108,24 @@ def test_safetensors_pages_are_mapped_at_load_without_a_copy(tmp_path: Path) -> 
     assert all(inside(t.data_ptr(), ranges) for t in state.values())
 
 
+def test_pages_are_mapped_in_pieces_on_two_threads_without_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelcache import _prefault
+
+    monkeypatch.setattr(_prefault, "PIECE", 4 * MiB)  # 16 pieces of the 64 MiB file
+    path = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.full((1024, 1024), float(i)) for i in range(16)}, str(path))
+    anonymous = _anonymous_bytes()
+    state = default_loader(path)
+    assert _prefault.populate(state.values())  # the kernel mapped every piece
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    total = sum(float(t.view(-1)[::1024].sum()) for t in state.values())
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 50
+    assert total == sum(i * 1024.0 * 1024 for i in range(16)) / 1024
+    assert _anonymous_bytes() - anonymous < 8 * MiB
+
+
 def test_safetensors_of_every_dtype_and_shape_load_as_safetensors_reads_them(
     tmp_path: Path,
 ) -> None:
