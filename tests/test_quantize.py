@@ -102,7 +102,12 @@ def embed(model: nn.Module, sentences: list[str]) -> torch.Tensor:
 def test_minilm_int8_embeddings_stay_at_cosine_099(
     modelcache_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import huggingface_hub.constants
+
+    # huggingface_hub reads $HF_HUB_OFFLINE once, at import: set both, so that both are undone
+    # for the tests that follow (a later hf:// fetch must not find the Hub "offline")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     handles = {
         q: ModelHandle(
             f"minilm-{q}",
@@ -638,3 +643,37 @@ def test_int8_weights_baked_into_a_read_only_layer_are_used_as_they_are(
     assert host.status()["quantization"]["cache_hit"] is True
     assert len(quantize_calls) == 3  # the build's three layers, none on the host
     assert [e.read_only for e in host_cache.entries()] == [True]
+
+
+def test_the_cached_int8_weights_hold_no_float_weights(tmp_path: Path) -> None:
+    """Biases mapped from the float file are views of all of it: the int8 entry must not save
+    the float weights with them (it would be bigger than the float file)."""
+
+    def linears() -> nn.Module:
+        return nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+
+    path = tmp_path / "linears.safetensors"
+    save_file(linears().state_dict(), str(path))
+    cache = Cache(tmp_path / "cache")
+
+    def start() -> tuple[ModelHandle, nn.Module]:
+        h = ModelHandle(
+            "linears", source=path, loader=module_loader(linears), quantize="int8", cache=cache
+        )
+        return h, h.get()
+
+    first, cold = start()
+    first.close()
+    second, warm = start()
+    assert second.status()["quantization"]["cache_hit"] is True
+    derived = [e for e in cache.entries() if e.source.startswith("modelcache+int8://")]
+    assert len(derived) == 1
+    int8_bytes = 4 * 256 * 256  # the int8 values; scales and biases add 4 x 2 KiB
+    assert derived[0].size < int8_bytes + path.stat().st_size // 4
+    for tensor in warm.state_dict().values():  # nothing the warm model holds maps float weights
+        leaves = [tensor.qdata, tensor.scale] if hasattr(tensor, "qdata") else [tensor]
+        assert all(t.untyped_storage().nbytes() == t.nbytes for t in leaves)
+    x = torch.linspace(-1, 1, 512).reshape(2, 256)
+    with torch.no_grad():
+        assert torch.equal(warm(x), cold(x))
+    second.close()

@@ -22,19 +22,38 @@ here 0.68 s (0.63-0.77), without 0.75 s (0.65-0.80), runai-model-streamer 0.71 s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["populate"]
+__all__ = ["deferred", "populate"]
 
 MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22
 PIECE = 64 * 1024 * 1024  # bytes one thread maps at a time
 THREADS = 2  # enough to keep the disk busy while the other thread waits; the reads are the kernel's
+
+
+_DEFERRED: ContextVar[bool] = ContextVar("modelcache_prefault_deferred", default=False)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """:func:`populate` does nothing inside (this thread): the caller populates what it keeps.
+
+    A handle that quantizes loads the float weights this way: the cached int8 weights replace
+    them, so reading the float pages in would only raise the peak memory.
+    """
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
 
 
 def _madvise() -> Any:
@@ -94,9 +113,10 @@ def _map_in(span: tuple[int, int]) -> bool:
 def populate(tensors: Iterable[Any]) -> bool:
     """Map every page of the tensors' (memory-mapped) storages now; ``True`` if the kernel did.
 
-    Errors are never raised: a kernel without ``MADV_POPULATE_READ`` only reads ahead.
+    Errors are never raised: a kernel without ``MADV_POPULATE_READ`` only reads ahead. Inside
+    :func:`deferred`, nothing is done (``False``).
     """
-    if _MADVISE is None:
+    if _MADVISE is None or _DEFERRED.get():
         return False
     spans = _spans(tensors)
     for address, length in spans:

@@ -125,10 +125,16 @@ class LoadRun:
 
     def load(self, fetched: Fetched) -> Loaded:
         """Load the fetched file, quantize the model if asked, and warm it up."""
-        model = self._timed("load_s", f"loading {fetched.path.name}", self._call_loader, fetched)
+        from modelcache import _prefault
+
         quantization: dict[str, Any] | None = None
         with self._step("quantization"):
             method = self._options.quantize  # an invalid $MODELCACHE_QUANTIZE raises here
+        with _prefault.deferred() if method is not None else contextlib.nullcontext():
+            # quantizing: the float pages are not read in (the int8 weights replace them)
+            model = self._timed(
+                "load_s", f"loading {fetched.path.name}", self._call_loader, fetched
+            )
         if method is not None:
             model, quantization = self._timed(
                 "quantize_s", f"{method} quantization", self._quantize, model, method, fetched
