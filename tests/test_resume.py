@@ -36,7 +36,7 @@ from modelcache._transfer import (
 from modelcache._transfer._resume import map_path
 from modelcache.testing import ModelServer
 
-#: a split download: the first request (two chunks) measures a capped origin, the rest is
+#: a split download: the first request (one chunk) measures a capped origin, the rest is
 #: fetched by four connections at once
 SPLIT = replace(FAST, connections=4, chunk_size=512 * 1024)
 #: one stream from the first byte to the last

@@ -1,11 +1,12 @@
 """The engine: one remote file into a local part file, resumed, hashed in order, retried.
 
-A download starts with one ranged request for its first chunks, read by one stream
+A download starts with one ranged request for its first chunk, read by one stream
 (:mod:`._stream`). That request's rate decides the rest. At least
 ``TransferOptions.split_below``: one more request streams the rest the same way. Slower (origins
 and CDNs that cap each connection): the rest is fetched as chunks by several workers at once
-(:mod:`._ranges`). Every request is bounded or read to its end, so no byte leaves the origin
-twice.
+(:mod:`._ranges`), as many as raise the total rate; when the first of them together are no
+faster than that one stream, the rest is read as one stream after all. Every request is
+bounded or read to its end, so no byte leaves the origin twice.
 
 Every byte written is recorded in the range map beside the part file (:mod:`._resume`), so a
 download killed at any point resumes with only the missing ranges: each pass over the file asks
@@ -32,14 +33,14 @@ from modelcache._retry import Cancelled, RetryBudget, TransientError
 
 from ._options import TransferOptions
 from ._part import Part, Progress
-from ._ranges import Chunk, OriginChanged, RangesRefused, fetch_ranges
+from ._ranges import START_WORKERS, Chunk, OriginChanged, RangesRefused, fetch_ranges
 from ._reader import RangeStream, Reader, close_quietly
 from ._resume import RangeMap, saving
 from ._stream import stream_through
 
 __all__ = ["TransferResult", "download"]
 
-_PROBE_CHUNKS = 2  # a first ranged request of this many chunks measures the origin's rate
+_PROBE_CHUNKS = 1  # a first ranged request of this many chunks measures the origin's rate
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class _Job:
         self.chunk = reader.chunk_size or options.chunk_size
         self.on_size: Callable[[int, int], None] | None = None
         self._size_checked = False
+        self.workers = START_WORKERS  # parallel workers a pass starts with (what the last used)
+        self.rate: float | None = None  # the one stream's rate that sent the rest parallel
         if options.connections == 1 or options.split_below == 0:
             self.mode = _Mode.ONE_STREAM
         elif options.split_below == float("inf"):
@@ -168,7 +171,8 @@ class _Job:
         if self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None:
             assert end is not None
             if rate is not None and rate < self.options.split_below:
-                self.mode = _Mode.PARALLEL  # a per-connection cap: the rest in parallel
+                self.mode = _Mode.PARALLEL  # maybe a per-connection cap: try the rest in parallel
+                self.rate = rate
                 self._fetch_ranges(None, self._chunks(ended))
             elif rate is not None or end - start == _PROBE_CHUNKS * self.chunk:
                 self.mode = _Mode.ONE_STREAM  # a fast origin (or too fast to measure)
@@ -227,7 +231,7 @@ class _Job:
         if not chunks:
             close_quietly(first)
             return
-        fetch_ranges(
+        workers = fetch_ranges(
             self.part,
             self.reader,
             first,
@@ -236,7 +240,13 @@ class _Job:
             chunk_size=self.chunk,
             piece_size=self.options.piece_size,
             budget=self.budget,
+            start=self.workers,
+            baseline=self.rate,
         )
+        if workers:
+            self.workers = workers
+        else:
+            self.mode = _Mode.ONE_STREAM  # parallel ranges were no faster than one stream
 
 
 def _min(value: int, limit: int | None) -> int:

@@ -14,13 +14,14 @@ class TransferOptions:
     """How downloads behave; every field has a default that suits a web service.
 
     Attributes:
-        connections: concurrent ranged requests per file at most (1 = a single stream).
+        connections: concurrent ranged requests per file at most (1 = a single stream); a
+            parallel download starts with 8 and doubles them while the total rate rises.
         chunk_size: bytes asked for by each ranged request.
         piece_size: bytes read from the network at a time.
-        split_below: bytes per second; a download's first request (two chunks) measures the
-            origin's rate: below this, the rest is fetched as ``connections`` parallel ranged
-            requests, else as one stream. ``math.inf``: parallel from the first byte; ``0``:
-            one stream, no first measure.
+        split_below: bytes per second; a download's first request (one chunk) measures the
+            origin's rate: below this, the rest is fetched as parallel ranged requests (as
+            one stream after all when they prove no faster), else as one stream.
+            ``math.inf``: parallel from the first byte; ``0``: one stream, no first measure.
         retries: attempts after a transient failure, counted since the last byte of progress.
         backoff: first retry delay in seconds, doubled each attempt, with jitter.
         max_backoff: cap on one delay (a longer ``Retry-After`` is honoured up to ``deadline``).
@@ -29,7 +30,7 @@ class TransferOptions:
         connect_timeout: seconds to open a connection.
     """
 
-    connections: int = 8
+    connections: int = 16
     chunk_size: int = 2 * MiB
     piece_size: int = 256 * 1024
     split_below: float = 256 * MiB

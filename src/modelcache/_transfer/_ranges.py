@@ -2,15 +2,25 @@
 
 Each worker writes its chunk where it belongs as it arrives (recorded in the range map as
 written, so a chunk finished beyond a gap survives a kill) and queues its pieces for the hasher.
-Chunks ahead of the hashing position wait in memory, and workers may run at most
-``connections`` chunks ahead of it, which bounds memory to about ``connections * chunk_size``.
-Between chunks the hasher reads back from disk the ranges an earlier attempt kept.
+Chunks ahead of the hashing position wait in memory, and workers may run at most as many
+chunks ahead of it as there are workers, which bounds memory to about
+``connections * chunk_size``. Between chunks the hasher reads back from disk the ranges an
+earlier attempt kept.
+
+How many workers run is measured, not fixed (:class:`_Growth`): a pass starts with a few, and
+doubles them while the total rate still rises (origins that cap each connection need as many
+as the link holds caps: 12 at 20 MiB/s on a 2 Gbit/s link), up to ``connections``. When the
+first workers together are no faster than the one stream that measured the origin, parallel
+ranges do not help there (the link, the origin or the CPU is the limit, not a per-connection
+cap): the pass stops handing out chunks and the engine reads the rest as one stream.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from modelcache._retry import RetryBudget, TransientError
@@ -21,6 +31,11 @@ from ._reader import RangeStream, Reader, close_quietly
 __all__ = ["OriginChanged", "RangesRefused", "fetch_ranges"]
 
 Chunk = tuple[int, int | None]
+
+#: workers a parallel pass starts with (then doubled while the total rate rises)
+START_WORKERS = 8
+_GAIN = 1.25  # a doubling is kept growing only when the total rate rose at least this much
+_SETTLE = 0.3  # seconds a worker count runs before its rate is judged
 
 
 class OriginChanged(TransientError):
@@ -73,7 +88,7 @@ class _Plan:
     """Which chunk each worker takes next: never more than ``window`` ahead of the hasher."""
 
     def __init__(self, count: int, window: int) -> None:
-        self._count = count
+        self.count = count
         self.window = window
         self._next = 1  # chunk 0 is the first worker's
         self._hashed = 0
@@ -84,7 +99,7 @@ class _Plan:
         with self._cond:
             while not self.abort.is_set():
                 index = self._next
-                if index >= self._count:
+                if index >= self.count:
                     return None
                 if index < self._hashed + self.window:
                     self._next = index + 1
@@ -97,10 +112,65 @@ class _Plan:
             self._hashed = count
             self._cond.notify_all()
 
+    def widen(self, window: int) -> None:
+        """Let workers run ``window`` chunks ahead of the hasher."""
+        with self._cond:
+            self.window = window
+            self._cond.notify_all()
+
+    def close(self) -> int:
+        """Hand out no more chunks; how many were handed out (the hasher hashes those)."""
+        with self._cond:
+            self.count = min(self.count, self._next)
+            self._cond.notify_all()
+            return self.count
+
     def stop(self) -> None:
         self.abort.set()
         with self._cond:
             self._cond.notify_all()
+
+
+class _Growth:
+    """How many workers a pass runs: doubled while the total rate still rises.
+
+    ``baseline``: the rate of the one stream that measured the origin (``None``: not measured).
+    Workers that together do not beat it by :data:`_GAIN` mean parallel ranges do not help.
+    """
+
+    def __init__(
+        self, start: int, limit: int, baseline: float | None, fetched: Callable[[], int]
+    ) -> None:
+        self.workers = max(1, min(start, limit))
+        self.limit = limit
+        self.best = baseline
+        self.futile = False  # the first workers were no faster than one stream
+        self._fetched = fetched
+        self._settled = self.workers >= limit and baseline is None
+        self._first = True
+        self._mark = (time.monotonic(), fetched())
+
+    def check(self) -> int | None:
+        """The new worker count when it is time to grow, else ``None`` (the hasher calls it)."""
+        if self._settled:
+            return None
+        now, got = time.monotonic(), self._fetched()
+        began, before = self._mark
+        if now - began < _SETTLE:
+            return None
+        rate = (got - before) / (now - began)
+        if self.best is not None and rate < self.best * _GAIN:
+            self._settled = True  # one more doubling did not pay: keep this many
+            self.futile = self._first
+            return None
+        self._first = False
+        self.best = rate
+        if self.workers >= self.limit:
+            self._settled = True
+            return None
+        self.workers = min(self.limit, self.workers * 2)
+        self._mark = (now, got)
+        return self.workers
 
 
 def fetch_ranges(
@@ -113,40 +183,61 @@ def fetch_ranges(
     chunk_size: int,
     piece_size: int,
     budget: RetryBudget,
-) -> None:
+    start: int = START_WORKERS,
+    baseline: float | None = None,
+) -> int:
     """Fetch ``chunks`` with parallel workers, hashed in order; ``first``: the first's response.
 
     The chunks must be missing ranges in file order; the bytes between them must be written
-    already (they are hashed from disk). ``part.ranges`` holds the version expected.
+    already (they are hashed from disk). ``part.ranges`` holds the version expected. Starts
+    with ``start`` workers, at most ``connections`` (see :class:`_Growth` for ``baseline``).
+    Returns the number of workers it settled on, or 0 when parallel ranges proved no faster
+    than one stream: then it stopped early, and the chunks not handed out are still missing.
     """
     limit = -(-chunk_size // piece_size) + 1
     queues = [_Pieces(limit) for _ in chunks]
-    plan = _Plan(len(chunks), max(1, connections))
+    growth = _Growth(start, max(1, connections), baseline, lambda: part.fetched)
+    plan = _Plan(len(chunks), growth.workers)
 
     def work(stream: RangeStream | None, index: int | None) -> None:
+        if index is None:
+            index = plan.take()
         while index is not None and not plan.abort.is_set():
             _fetch_chunk(part, reader, chunks[index], stream, queues[index], plan.abort, budget)
             stream = None
             index = plan.take()
 
-    workers = [threading.Thread(target=work, args=(first, 0), daemon=True, name="modelcache-0")]
-    workers += [
-        threading.Thread(target=work, args=(None, plan.take()), daemon=True, name=f"modelcache-{n}")
-        for n in range(1, min(plan.window, len(chunks)))
-    ]
-    for worker in workers:
-        worker.start()
+    workers: list[threading.Thread] = []
+
+    def hire(count: int) -> None:
+        while len(workers) < min(count, len(chunks)):
+            n = len(workers)
+            args = (first, 0) if n == 0 else (None, None)  # the others take their own chunks
+            worker = threading.Thread(target=work, args=args, daemon=True, name=f"modelcache-{n}")
+            workers.append(worker)
+            worker.start()
+
+    hire(growth.workers)
     try:
-        for index, (start, _) in enumerate(chunks):
-            part.hash_kept(start)
+        index = 0
+        while index < plan.count:
+            part.hash_kept(chunks[index][0])
             while (item := handed_over(queues[index].get, part.cancel)) is not _STOP:
                 part.hash(item)
-            plan.hashed(index + 1)
+            index += 1
+            plan.hashed(index)
+            grown = growth.check()
+            if grown is not None:
+                plan.widen(grown)
+                hire(grown)
+            elif growth.futile and plan.count == len(chunks):
+                plan.close()  # one stream is as fast here: the engine reads the rest that way
     finally:
         plan.stop()
         close_quietly(first)
         for worker in workers:
             worker.join()
+    return 0 if growth.futile else growth.workers
 
 
 def _fetch_chunk(

@@ -51,10 +51,10 @@ def stream_through(
         name="modelcache-stream",
     )
     reader.start()
-    first: tuple[float, int] | None = None  # when the first fresh bytes were hashed, and where
-    last = 0.0
+    began = last = 0.0
     try:
         part.hash_kept(stream.start)
+        began, fresh = time.monotonic(), part.hashed  # the body's first bytes are on their way
         while True:
             item = handed_over(lambda timeout: filled.get(timeout=timeout), part.cancel)
             if isinstance(item, _End):
@@ -64,17 +64,15 @@ def stream_through(
             part.hash(data)
             free.put(buffer)
             last = time.monotonic()
-            if first is None:
-                first = (last, part.hashed)
     finally:
         stop.set()
         close_quietly(stream)
         reader.join()
     if part.cancel.is_set():
         raise Cancelled
-    if first is None or last - first[0] < 0.005:
+    if last - began < 0.005 or part.hashed == fresh:
         return ended, None
-    return ended, (part.hashed - first[1]) / (last - first[0])
+    return ended, (part.hashed - fresh) / (last - began)
 
 
 def _read(
