@@ -158,9 +158,9 @@ def test_fast_origin_is_read_as_one_stream(
     options = replace(FAST, connections=8, chunk_size=MiB, split_below=8 * MiB)
     got = Cache(modelcache_home, transfer=options).fetch_details(url, sha(data))
     assert got.path.read_bytes() == data
-    assert model_server.count("fast.bin") == (2, len(data))  # a first measure, then the rest
+    assert model_server.count("fast.bin") == (1, len(data))  # timed over a chunk, read on
     ranges = [h.get("Range") for _, h in model_server.request_headers]
-    assert ranges == [f"bytes=0-{2 * MiB - 1}", f"bytes={2 * MiB}-"]
+    assert ranges == [None]
 
 
 def test_slow_single_stream_is_split_into_parallel_ranges(
@@ -177,10 +177,10 @@ def test_slow_single_stream_is_split_into_parallel_ranges(
     assert got.path.read_bytes() == data
     requests, sent = model_server.count("capped.bin")
     ranges = [h.get("Range", "") for _, h in model_server.request_headers]
-    assert ranges[0] == f"bytes=0-{2 * MiB - 1}"  # a first request measures the rate
-    assert requests == 1 + 10  # then ranged chunks, several at once
+    assert ranges[0] == ""  # a request for the file, timed over its first chunk, then dropped
+    assert requests == 1 + 11  # then ranged chunks, several at once
     assert f"bytes={11 * MiB}-{len(data) - 1}" in ranges
-    assert sent == len(data)  # no byte twice
+    assert sent < len(data) + MiB  # no byte twice but what the dropped request had in flight
     assert seen == sorted(seen)
     assert seen[-1] == len(data)
 

@@ -84,7 +84,9 @@ class Watcher:
         for root, dirs, files in os.walk(self.home):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
-                if not name.endswith(".json"):  # the data: blobs, and refs' links to them
+                # the data: blobs, and refs' links to them (not the cache's own hidden files,
+                # such as a temporary copy of layout.json that a kill can leave behind)
+                if not name.endswith(".json") and not name.startswith("."):
                     yield Path(root) / name
 
 

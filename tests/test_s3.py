@@ -9,10 +9,11 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import MiB, make_payload, sha
+from conftest import FAST, MiB, make_payload, sha
 from servers.proxy import FaultProxy
 from servers.stores import S3_SECRET, S3Bucket
 
@@ -225,6 +226,39 @@ def test_objects_are_read_through_urls_that_s3fs_signs(
     object_gets = [path for method, path in s3_proxy.requests if gets("signed.bin")(method, path)]
     assert object_gets
     assert all(SIGNED.search(path) for path in object_gets)
+
+
+#: one connection measured below this is split into parallel ranges (lower than the default,
+#: so that the Python proxy in front of moto is surely faster when it does not cap)
+PROBED = replace(FAST, split_below=8 * MiB)
+
+
+@pytest.mark.parametrize("cap", [2 * MiB, None], ids=["capped", "uncapped"])
+def test_the_first_get_decides_between_one_stream_and_parallel_ranges(
+    cache: Cache, s3_bucket: S3Bucket, s3_proxy: FaultProxy, cap: int | None
+) -> None:
+    data = make_payload(8 * MiB + 7)
+    url = s3_bucket.put("probed.bin", data)
+    s3_proxy.throttle(cap)  # per connection, like a busy store
+    options = {**s3_bucket.options(s3_proxy.url), "chunk_size": MiB}
+    probed = Cache(cache.path, read_only_paths=[], offline=False, transfer=PROBED)
+
+    got = probed.fetch(url, sha(data), storage_options=options)
+
+    assert got.read_bytes() == data
+    object_gets = gets("probed.bin")
+    ranges = [
+        headers.get("Range")
+        for (method, path), headers in zip(s3_proxy.requests, s3_proxy.headers, strict=True)
+        if object_gets(method, path)
+    ]
+    assert ranges[0] is None  # one GET of the object: its first chunk measures the store
+    if cap is None:  # fast enough: that GET goes on to the end
+        assert ranges == [None]
+    else:  # capped: dropped after its first chunk, the rest as ranged GETs at once
+        assert len(ranges) > 2
+        assert all(r is not None and r.startswith("bytes=") for r in ranges[1:])
+        assert s3_proxy.most_at_once(object_gets) > 2
 
 
 def test_requester_pays_goes_through_the_botocore_client(

@@ -193,12 +193,12 @@ class HTTPReader(Reader):
             if etag and not etag.startswith("W/"):
                 headers["If-Range"] = etag
         response = send(self._pool, "GET", self._url, headers=headers, scrub=self._source.scrub)
-        return self._stream(response, start)
+        return self._stream(response, start, "Range" in headers)
 
     def _describe(self, error: BaseException) -> str:
         return self._source.scrub(f"{type(error).__name__}: {error}")
 
-    def _stream(self, response: Any, start: int) -> RangeStream:
+    def _stream(self, response: Any, start: int, asked_range: bool) -> RangeStream:
         status = response.status
         self.last_headers = response.headers
         # the version's validator: the ETag, else Last-Modified (If-Range accepts both)
@@ -221,12 +221,14 @@ class HTTPReader(Reader):
         if status == 200:
             length = response.headers.get("Content-Length")
             size = int(length) if length and length.isdigit() else None
+            # the whole file, asked for: ranges may follow when the origin says it serves them
+            accepts = response.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
             return RangeStream(
                 self._pieces(response),
                 0,
                 size,
                 etag,
-                False,
+                accepts and not asked_range and size is not None,
                 close=lambda: discard(response),
                 readinto=self._readinto(response),
             )

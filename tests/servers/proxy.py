@@ -1,7 +1,8 @@
 """An HTTP reverse proxy on 127.0.0.1 that forwards to a real server and misbehaves on request.
 
 Put it in front of moto's S3 server or the GCS emulator to get real faults on the wire: an
-error status instead of the upstream's answer, or a connection cut in the middle of a body.
+error status instead of the upstream's answer, or a connection cut in the middle of a body;
+or to cap the rate of each connection, as busy stores and CDNs do (:meth:`FaultProxy.throttle`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class FaultProxy:
         """The headers of each of those requests."""
         self.bytes_sent = 0
         """Body bytes relayed to clients so far (all requests)."""
+        self.rate: float | None = None
+        self._sending: dict[int, tuple[str, str]] = {}  # bodies being sent, by thread
+        self._together: list[tuple[tuple[str, str], ...]] = []  # each body's start: all sent
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._server.block_on_close = False
@@ -105,13 +109,27 @@ class FaultProxy:
         with self._lock:
             self._faults.append(_Fault(match, times, location=location))
 
+    def throttle(self, rate: float | None) -> None:
+        """Send each response body at most ``rate`` bytes per second (``None``: no cap)."""
+        self.rate = rate
+
+    def most_at_once(self, match: Match) -> int:
+        """The most matching response bodies that were being sent at the same time."""
+        with self._lock:
+            return max(
+                (sum(1 for m, p in together if match(m, p)) for together in self._together),
+                default=0,
+            )
+
     def clear(self) -> None:
-        """Disarm every fault and forget the requests seen (and the bytes sent)."""
+        """Disarm every fault, lift the cap, and forget the requests seen (and the bytes sent)."""
         with self._lock:
             self._faults.clear()
             self.bytes_sent = 0
             self.requests.clear()
             self.headers.clear()
+            self._together.clear()
+            self.rate = None
 
     def count(self, match: Match) -> int:
         """How many requests received so far match."""
@@ -220,9 +238,25 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if self.command == "HEAD":
                 return
+            me = threading.get_ident()
+            with proxy._lock:
+                proxy._sending[me] = (self.command, self.path)
+                proxy._together.append(tuple(proxy._sending.values()))
+            try:
+                self._send(response, whole, cut)
+            finally:
+                with proxy._lock:
+                    del proxy._sending[me]
+
+        def _send(
+            self, response: http.client.HTTPResponse, whole: bytes | None, cut: int | None
+        ) -> None:
+            rate = proxy.rate
+            piece = 256 * 1024 if rate is None else 32 * 1024
+            began = time.monotonic()
             sent = 0
             while True:
-                data = whole if whole is not None else response.read(256 * 1024)
+                data = whole if whole is not None else response.read(piece)
                 whole = b"" if whole is not None else None
                 if not data:
                     return
@@ -237,5 +271,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(data)
                 proxy.sent(len(data))
                 sent += len(data)
+                if rate is not None:  # this connection's cap: wait until it allows the next
+                    time.sleep(max(0.0, began + sent / rate - time.monotonic()))
 
     return Handler

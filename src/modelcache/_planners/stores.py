@@ -11,13 +11,16 @@ Both readers stream each byte range (never a whole object or range in memory):
 - GCS through gcsfs's endpoint and credentials, with the bytes read by modelcache's own HTTP
   reader (urllib3): gcsfs reads each range whole into memory.
 
-Part sizes: the local S3 server used for tests and benchmarks (moto) copies the whole object
-for every ranged GET, so many small ranges are slow there (8 MiB ranges of 512 MiB: 20 MiB/s)
-while one GET streams at ~600 MiB/s. Real S3 charges a first-byte latency per request instead.
-S3 ranges are therefore large (:data:`S3_CHUNK`) and few connections run per object
-(:data:`S3_CONNECTIONS`): the engine keeps ranges that finish ahead of the hashing frontier in
-memory, so ``connections * chunk`` bounds memory. ``storage_options={"s3": {"connections": 8,
-"chunk_size": 16 << 20}}`` trades memory for parallel ranges.
+Part sizes: S3 is probed like any HTTP origin. The first GET asks for the whole object and its
+first :data:`S3_CHUNK` measures the rate one connection gets; at least
+``TransferOptions.split_below``, it streams on to the end. Slower (real S3 gives one
+connection roughly 50 to 100 MB/s): it is dropped there and the rest is fetched as parallel
+ranged GETs, as many as still raise the total rate, at most
+:data:`S3_CONNECTIONS`, and back to one stream when they prove no faster (moto, the local
+server of the tests and benchmarks, copies the whole object for every ranged GET, so ranges are
+slow there for a reason real S3 does not share). Ranges that finish ahead of the hashing
+frontier wait in memory, so ``connections * chunk`` (64 MiB) bounds memory;
+``storage_options={"s3": {"connections": 1}}`` reads every object as one GET.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ __all__ = [
 
 MiB = 1 << 20
 #: bytes per ranged GET on S3 (see the module's docstring)
-S3_CHUNK = 64 * MiB
-#: ranged GETs at once per S3 object
-S3_CONNECTIONS = 1
+S3_CHUNK = 8 * MiB
+#: ranged GETs at once per S3 object, at most
+S3_CONNECTIONS = 8
 _PIECE = 1 * MiB
 
 

@@ -1,12 +1,13 @@
 """The engine: one remote file into a local part file, resumed, hashed in order, retried.
 
-A download starts with one ranged request for its first chunk, read by one stream
-(:mod:`._stream`). That request's rate decides the rest. At least
-``TransferOptions.split_below``: one more request streams the rest the same way. Slower (origins
-and CDNs that cap each connection): the rest is fetched as chunks by several workers at once
-(:mod:`._ranges`), as many as raise the total rate; when the first of them together are no
-faster than that one stream, the rest is read as one stream after all. Every request is
-bounded or read to its end, so no byte leaves the origin twice.
+A download starts with one request for the rest of the file, read by one stream
+(:mod:`._stream`). Its rate over the first chunk decides the rest. At least
+``TransferOptions.split_below``: the same request goes on to the end. Slower (origins and CDNs
+that cap each connection): that request is dropped there, and the rest is fetched as chunks by
+several workers at once (:mod:`._ranges`), as many as raise the total rate; when the first of
+them together are no faster than that one stream, the rest is read as one stream after all.
+Ranged requests are bounded or read to their end, so no byte leaves the origin twice, but for
+what a dropped first request had in flight.
 
 Every byte written is recorded in the range map beside the part file (:mod:`._resume`), so a
 download killed at any point resumes with only the missing ranges: each pass over the file asks
@@ -39,8 +40,6 @@ from ._resume import RangeMap, saving
 from ._stream import stream_through
 
 __all__ = ["TransferResult", "download"]
-
-_PROBE_CHUNKS = 1  # a first ranged request of this many chunks measures the origin's rate
 
 
 @dataclass(frozen=True)
@@ -150,8 +149,6 @@ class _Job:
         end = None if gap_end == ranges.size else gap_end  # (the last gap: to the end)
         if self.mode is _Mode.PARALLEL:
             end = _min(start + self.chunk, gap_end)
-        elif self.mode is _Mode.PROBE:
-            end = _min(start + _PROBE_CHUNKS * self.chunk, gap_end)
         stream = self.reader.open(start, end, ranges.etag)
         try:
             if self._take_version(stream, start):
@@ -166,17 +163,21 @@ class _Job:
             first = (start, min(end, ranges.size))
             self._fetch_ranges(stream, [first, *self._chunks(first[1])])
             return True
-        ended, rate = stream_through(self.part, stream, end, self.options.piece_size, self.budget)
-        self._check_end(ended, end)
-        if self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None:
-            assert end is not None
-            if rate is not None and rate < self.options.split_below:
-                self.mode = _Mode.PARALLEL  # maybe a per-connection cap: try the rest in parallel
-                self.rate = rate
+        decide = None  # whether this stream's first chunk decides between it and parallel ranges
+        probing = self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None
+        if probing and _min(ranges.size or 0, end) - start > self.chunk:
+            decide = (start + self.chunk, self.options.split_below)
+        ended, slow = stream_through(
+            self.part, stream, end, self.options.piece_size, self.budget, decide=decide
+        )
+        if decide is not None:
+            if slow is not None:  # maybe a per-connection cap: the rest in parallel
+                self.mode = _Mode.PARALLEL
+                self.rate = slow
                 self._fetch_ranges(None, self._chunks(ended))
-            elif rate is not None or end - start == _PROBE_CHUNKS * self.chunk:
-                self.mode = _Mode.ONE_STREAM  # a fast origin (or too fast to measure)
-            # else: too few bytes to tell (a short gap): the next request measures again
+                return True
+            self.mode = _Mode.ONE_STREAM  # a fast origin: it read on to the end
+        self._check_end(ended, end)
         return True
 
     def _take_version(self, stream: RangeStream, start: int) -> bool:
@@ -218,13 +219,14 @@ class _Job:
             raise TransientError(f"connection closed at byte {ended} of {ranges.size}")
 
     def _chunks(self, start: int) -> list[Chunk]:
-        """Every missing range after ``start``, cut into chunks."""
-        size = self.part.ranges.size
+        """Every missing range after ``start``, cut into chunks at multiples of the chunk size
+        (where a stream stopped does not shift every later request)."""
+        size, chunk = self.part.ranges.size, self.chunk
         return [
-            (first, min(first + self.chunk, last))
+            (max(first, begin), min(first + chunk, last))
             for begin, last in self.part.ranges.gaps(start, size)
             if last is not None
-            for first in range(begin, last, self.chunk)
+            for first in range(begin - begin % chunk, last, chunk)
         ]
 
     def _fetch_ranges(self, first: RangeStream | None, chunks: list[Chunk]) -> None:

@@ -24,20 +24,28 @@ _BUFFERED = 4 * MiB  # bytes of reusable buffers between the reading thread and 
 
 
 class _End:
-    """The reading thread's last item: where the stream ended."""
+    """The reading thread's last item: where the stream ended (and its rate, when too slow)."""
 
-    def __init__(self, position: int) -> None:
+    def __init__(self, position: int, slow: float | None = None) -> None:
         self.position = position
+        self.slow = slow
 
 
 def stream_through(
-    part: Part, stream: RangeStream, end: int | None, piece_size: int, budget: RetryBudget
+    part: Part,
+    stream: RangeStream,
+    end: int | None,
+    piece_size: int,
+    budget: RetryBudget,
+    *,
+    decide: tuple[int, float] | None = None,
 ) -> tuple[int, float | None]:
     """Read ``stream`` to its end or to byte ``end``, hashing here while a thread reads and writes.
 
     Bytes of ``[part.hashed, stream.start)`` must be written already: they are hashed from disk
-    first. Returns where the stream ended and the rate it ran at in bytes per second (``None``:
-    too quick to tell). The stream is closed whatever happens.
+    first. ``decide=(position, rate)``: once the stream passed ``position``, it stops there when
+    it ran slower than ``rate`` bytes per second. Returns where the stream ended and, when it
+    stopped so, the rate it ran at (else ``None``). The stream is closed whatever happens.
     """
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
     for _ in range(max(2, _BUFFERED // piece_size)):
@@ -46,39 +54,34 @@ def stream_through(
     stop = threading.Event()
     reader = threading.Thread(
         target=_read,
-        args=(part, stream, end, free, filled, stop, budget),
+        args=(part, stream, end, decide, free, filled, stop, budget),
         daemon=True,
         name="modelcache-stream",
     )
     reader.start()
-    began = last = 0.0
     try:
         part.hash_kept(stream.start)
-        began, fresh = time.monotonic(), part.hashed  # the body's first bytes are on their way
         while True:
             item = handed_over(lambda timeout: filled.get(timeout=timeout), part.cancel)
             if isinstance(item, _End):
-                ended = item.position
                 break
             data, buffer = item
             part.hash(data)
             free.put(buffer)
-            last = time.monotonic()
     finally:
         stop.set()
         close_quietly(stream)
         reader.join()
     if part.cancel.is_set():
         raise Cancelled
-    if last - began < 0.005 or part.hashed == fresh:
-        return ended, None
-    return ended, (part.hashed - fresh) / (last - began)
+    return item.position, item.slow
 
 
 def _read(
     part: Part,
     stream: RangeStream,
     end: int | None,
+    decide: tuple[int, float] | None,
     free: queue.SimpleQueue[bytearray],
     filled: queue.SimpleQueue[Any],
     stop: threading.Event,
@@ -87,10 +90,18 @@ def _read(
     """The reading thread: fill free buffers, write them in place, queue them in order."""
     position = stream.start
     pieces = None if stream.readinto is not None else iter(stream.pieces)
+    began = time.monotonic()  # the answer's headers are in: its body starts now
     try:
         while not stop.is_set() and not part.cancel.is_set():
             if end is not None and position >= end:
                 break
+            if decide is not None and position >= decide[0]:
+                took = time.monotonic() - began
+                rate = (position - stream.start) / took if took >= 0.005 else None
+                if rate is not None and rate < decide[1]:
+                    filled.put(_End(position, rate))  # slow: the caller goes on otherwise
+                    return
+                decide = None  # fast (or too fast to tell): on to the end
             try:
                 buffer = free.get(timeout=0.25)
             except queue.Empty:
