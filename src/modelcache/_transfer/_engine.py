@@ -165,7 +165,8 @@ class _Job:
             return True
         decide = None  # whether this stream's first chunk decides between it and parallel ranges
         probing = self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None
-        if probing and _min(ranges.size or 0, end) - start > self.chunk:
+        if probing and _min(ranges.size or 0, end) - start >= 2 * self.chunk:
+            # (a rest shorter than a chunk is read on: ranges would not fetch it any sooner)
             decide = (start + self.chunk, self.options.split_below)
         ended, slow = stream_through(
             self.part, stream, end, self.options.piece_size, self.budget, decide=decide
