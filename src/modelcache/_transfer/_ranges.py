@@ -113,7 +113,7 @@ class _Plan:
             self._cond.notify_all()
 
     def widen(self, window: int) -> None:
-        """Let workers run ``window`` chunks ahead of the hasher."""
+        """Let workers run ``window`` chunks ahead of the hasher (fewer: the extra ones wait)."""
         with self._cond:
             self.window = window
             self._cond.notify_all()
@@ -147,11 +147,11 @@ class _Growth:
         self.futile = False  # the first workers were no faster than one stream
         self._fetched = fetched
         self._settled = self.workers >= limit and baseline is None
-        self._first = True
+        self._before: int | None = None  # the count before the last doubling
         self._mark = (time.monotonic(), fetched())
 
     def check(self) -> int | None:
-        """The new worker count when it is time to grow, else ``None`` (the hasher calls it)."""
+        """The new worker count when it changes, else ``None`` (the hasher calls it)."""
         if self._settled:
             return None
         now, got = time.monotonic(), self._fetched()
@@ -160,14 +160,17 @@ class _Growth:
             return None
         rate = (got - before) / (now - began)
         if self.best is not None and rate < self.best * _GAIN:
-            self._settled = True  # one more doubling did not pay: keep this many
-            self.futile = self._first
-            return None
-        self._first = False
+            self._settled = True  # the last doubling did not pay: back to the count before it
+            self.futile = self._before is None
+            if self._before is None:
+                return None
+            self.workers = self._before
+            return self.workers
         self.best = rate
         if self.workers >= self.limit:
             self._settled = True
             return None
+        self._before = self.workers
         self.workers = min(self.limit, self.workers * 2)
         self._mark = (now, got)
         return self.workers
@@ -226,10 +229,10 @@ def fetch_ranges(
                 part.hash(item)
             index += 1
             plan.hashed(index)
-            grown = growth.check()
-            if grown is not None:
-                plan.widen(grown)
-                hire(grown)
+            changed = growth.check()
+            if changed is not None:  # more workers, or back to fewer chunks at once
+                plan.widen(changed)
+                hire(changed)
             elif growth.futile and plan.count == len(chunks):
                 plan.close()  # one stream is as fast here: the engine reads the rest that way
     finally:

@@ -21,6 +21,7 @@ __all__ = ["stream_through"]
 
 _HAND_OVER = 0.25  # seconds a partly filled buffer waits before it is hashed anyway
 _BUFFERED = 4 * MiB  # bytes of reusable buffers between the reading thread and the hasher
+_TRUSTED = 0.05  # seconds a stream must stay fast (from its first byte) to be judged fast
 
 
 class _End:
@@ -44,7 +45,8 @@ def stream_through(
 
     Bytes of ``[part.hashed, stream.start)`` must be written already: they are hashed from disk
     first. ``decide=(position, rate)``: once the stream passed ``position``, it stops there when
-    it ran slower than ``rate`` bytes per second. Returns where the stream ended and, when it
+    it ran slower than ``rate`` bytes per second (judged again after each buffer until it ran
+    fast for :data:`_TRUSTED` seconds). Returns where the stream ended and, when it
     stopped so, the rate it ran at (else ``None``). The stream is closed whatever happens.
     """
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
@@ -101,7 +103,10 @@ def _read(
                 if rate is not None and rate < decide[1]:
                     filled.put(_End(position, rate))  # slow: the caller goes on otherwise
                     return
-                decide = None  # fast (or too fast to tell): on to the end
+                if took >= _TRUSTED:
+                    decide = None  # fast for long enough: on to the end
+                # else: a burst (buffers, a token bucket) may have carried the first chunk:
+                # judged again after each buffer until the rate held for long enough
             try:
                 buffer = free.get(timeout=0.25)
             except queue.Empty:
