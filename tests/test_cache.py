@@ -367,7 +367,9 @@ def test_sigkill_mid_download_then_resume_refetches_little(
 
     model_server.set_rate("resume.bin", None)
     model_server.reset_counts()
-    got = Cache(modelcache_home, transfer=FAST).fetch_details(url, sha(data))
+    # one stream per gap: a first request dropped for ranges would add its in-flight bytes
+    once = replace(FAST, split_below=0)
+    got = Cache(modelcache_home, transfer=once).fetch_details(url, sha(data))
     assert got.path.read_bytes() == data
     _, sent = model_server.count("resume.bin")
     assert sent <= 0.6 * len(data)
