@@ -58,13 +58,13 @@ class LayoutError(ModelCacheError):
 class Ref:
     """A published ref: its directory, its ``meta.json`` and when it was last used.
 
-    ``used`` is the time of the ``meta.json`` that was read (the same open file), so a ref
+    ``last_used`` is the time of the ``meta.json`` that was read (the same open file), so a ref
     another process evicts meanwhile still has one.
     """
 
     directory: Path
     meta: Mapping[str, Any]
-    used: float = field(default=0.0, compare=False)
+    last_used: float = field(compare=False)
 
     @property
     def key(self) -> str:
@@ -85,11 +85,6 @@ class Ref:
     def files(self) -> list[dict[str, Any]]:
         """``{"path", "size", "sha256"}`` per file, ``path`` relative to the ref's directory."""
         return list(self.meta["files"])
-
-    @property
-    def last_used(self) -> float:
-        """When the ref was last used (the time of its ``meta.json`` when it was read)."""
-        return self.used
 
 
 def read_json(path: Path) -> Any:
