@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from modelcache._transfer import resume_progress
 if TYPE_CHECKING:
     from servers.proxy import FaultProxy
     from servers.registry import Registry
+
+    from modelcache.testing import ModelServer
 
 ProxyOf = Callable[["Registry"], "FaultProxy"]
 """``proxy_of(registry)``: the :func:`proxy_of` fixture's factory."""
@@ -158,6 +161,25 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
 def part_frontier(home: Path) -> int:
     """The most bytes a writer in the cache's ``.tmp`` recorded as written (its range map)."""
     return max((resume_progress(part) for part in (home / ".tmp").glob("*.part")), default=0)
+
+
+def kill_at(
+    worker: Worker, reached: Callable[[], bool], what: str, server: ModelServer, name: str
+) -> None:
+    """SIGKILL the worker once ``reached()``; return when the server stopped sending to it."""
+    wait_for(reached, timeout=60, what=what)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    # a capped response may write another block to the dead socket before it notices
+    last = [-1, time.monotonic()]
+
+    def settled() -> bool:
+        sent = server.count(name)[1]
+        if sent != last[0]:
+            last[:] = [sent, time.monotonic()]
+        return time.monotonic() - last[1] > 0.3
+
+    wait_for(settled, what="the origin to notice the kill")
 
 
 WORKER = r"""

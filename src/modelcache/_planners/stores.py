@@ -11,15 +11,15 @@ Both readers stream each byte range (never a whole object or range in memory):
 - GCS through gcsfs's endpoint and credentials, with the bytes read by modelcache's own HTTP
   reader (urllib3): gcsfs reads each range whole into memory.
 
-Part sizes: S3 is probed like any HTTP origin. The first GET asks for the whole object and its
-first :data:`S3_CHUNK` measures the rate one connection gets; at least
-``TransferOptions.split_below``, it streams on to the end. Slower (real S3 gives one
-connection roughly 50 to 100 MB/s): it is dropped there and the rest is fetched as parallel
-ranged GETs, as many as still raise the total rate, at most
+Part sizes: S3 is probed like any HTTP origin. The first GET asks for the object's first two
+:data:`S3_CHUNK`-s and the first measures the rate one connection gets; at least
+``TransferOptions.split_below``, the rest comes with one more GET. Slower (real S3 gives one
+connection roughly 50 to 100 MB/s): the first GET is read to its end while the rest is fetched
+as parallel ranged GETs, as many as still raise the total rate, at most
 :data:`S3_CONNECTIONS`, and back to one stream when they prove no faster (moto, the local
 server of the tests and benchmarks, copies the whole object for every ranged GET, so ranges are
-slow there for a reason real S3 does not share). Ranges that finish ahead of the hashing
-frontier wait in memory, so ``connections * chunk`` (64 MiB) bounds memory;
+slow there for a reason real S3 does not share). Each range is written where it belongs and
+hashed back from the page cache, so memory is a buffer per connection;
 ``storage_options={"s3": {"connections": 1}}`` reads every object as one GET.
 """
 

@@ -1,13 +1,14 @@
 """The engine: one remote file into a local part file, resumed, hashed in order, retried.
 
-A download starts with one request for the rest of the file, read by one stream
-(:mod:`._stream`). Its rate over the first chunk decides the rest. At least
-``TransferOptions.split_below``: the same request goes on to the end. Slower (origins and CDNs
-that cap each connection): that request is dropped there, and the rest is fetched as chunks by
-several workers at once (:mod:`._ranges`), as many as raise the total rate; when the first of
-them together are no faster than that one stream, the rest is read as one stream after all.
-Ranged requests are bounded or read to their end, so no byte leaves the origin twice, but for
-what a dropped first request had in flight.
+A download starts with one request for its first few chunks (:data:`PROBE_CHUNKS`), read by one
+stream (:mod:`._stream`). Its rate over the first chunk decides the rest. At least
+``TransferOptions.split_below``: it is read to its end, and the rest of the file is asked for
+with one more request and read as one stream. Slower (origins and CDNs that cap each
+connection, or a link slower than that): the first request is read on to its end while
+parallel workers fetch the chunks after it (:mod:`._ranges`), as many as raise the total rate;
+when the first of them together are no faster than that one stream, the link is the limit,
+not a cap, and the rest is read as one stream after all. Every request is bounded or read to
+its end, so no byte leaves the origin twice, whichever way the download goes.
 
 Every byte written is recorded in the range map beside the part file (:mod:`._resume`), so a
 download killed at any point resumes with only the missing ranges: each pass over the file asks
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from pathlib import Path
 from modelcache._posix import probe_lock
 from modelcache._retry import Cancelled, RetryBudget, TransientError
 
-from ._options import TransferOptions
+from ._options import MiB, TransferOptions
 from ._part import Part, Progress
 from ._ranges import START_WORKERS, Chunk, OriginChanged, RangesRefused, fetch_ranges
 from ._reader import RangeStream, Reader, close_quietly
@@ -40,6 +42,12 @@ from ._resume import RangeMap, saving
 from ._stream import stream_through
 
 __all__ = ["TransferResult", "download"]
+
+#: chunks the first request asks for, at most :data:`PROBE_BYTES` (but two chunks at least):
+#: enough to time the origin over its first chunk and to trust the rate, small enough that a
+#: capped connection finishes it while the others fetch the rest
+PROBE_CHUNKS = 8
+PROBE_BYTES = 16 * MiB
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class _Job:
         self.options = options
         self.budget = RetryBudget(options, part.cancel)
         self.chunk = reader.chunk_size or options.chunk_size
+        self.probe = max(2 * self.chunk, min(PROBE_CHUNKS * self.chunk, PROBE_BYTES))
         self.on_size: Callable[[int, int], None] | None = None
         self._size_checked = False
         self.workers = START_WORKERS  # parallel workers a pass starts with (what the last used)
@@ -149,6 +158,8 @@ class _Job:
         end = None if gap_end == ranges.size else gap_end  # (the last gap: to the end)
         if self.mode is _Mode.PARALLEL:
             end = _min(start + self.chunk, gap_end)
+        elif self.mode is _Mode.PROBE:
+            end = _min(start + self.probe, end)
         stream = self.reader.open(start, end, ranges.etag)
         try:
             if self._take_version(stream, start):
@@ -172,12 +183,24 @@ class _Job:
             self.part, stream, end, self.options.piece_size, self.budget, decide=decide
         )
         if decide is not None:
-            if slow is not None:  # maybe a per-connection cap: the rest in parallel
+            if slow is not None:  # maybe a per-connection cap: try parallel ranges
+                assert end is not None  # (a probing request is bounded)
+                assert ranges.size is not None
                 self.mode = _Mode.PARALLEL
                 self.rate = slow
-                self._fetch_ranges(None, self._chunks(ended))
+                # as many as reach split_below at this rate each: a capped origin gets enough
+                # at once, a link just short of split_below a small trial
+                wanted = math.ceil(self.options.split_below / max(slow, 1.0))
+                self.workers = max(2, min(self.options.connections, wanted))
+                stop = min(end, ranges.size)
+                rest = self._chunks(stop)
+                if ended < stop:  # this stream reads on to its end, as the first chunk
+                    self._fetch_ranges(stream, [(ended, stop), *rest])
+                else:
+                    close_quietly(stream)
+                    self._fetch_ranges(None, rest)
                 return True
-            self.mode = _Mode.ONE_STREAM  # a fast origin: it read on to the end
+            self.mode = _Mode.ONE_STREAM  # a fast origin: the rest as one stream
         self._check_end(ended, end)
         return True
 

@@ -1,11 +1,12 @@
 """Parallel ranges: workers fetch chunks with ranged requests, the hasher hashes them in order.
 
-Each worker writes its chunk where it belongs as it arrives (recorded in the range map as
-written, so a chunk finished beyond a gap survives a kill) and queues its pieces for the hasher.
-Chunks ahead of the hashing position wait in memory, and workers may run at most as many
-chunks ahead of it as there are workers, which bounds memory to about
-``connections * chunk_size``. Between chunks the hasher reads back from disk the ranges an
-earlier attempt kept.
+Each worker writes its chunk where it belongs as it arrives and records it in the range map
+(so a chunk finished beyond a gap survives a kill). The hasher follows the written bytes in
+file order and hashes them back from the page cache, so a slow chunk holds back the hash but
+not the other workers: they may run up to :data:`AHEAD` bytes past the hashing position (or
+two chunks per connection, when more), which bounds the page cache a download dirties ahead of
+its hash, not its memory (each worker has one buffer). Bytes an earlier attempt kept are
+hashed the same way when the hasher reaches them.
 
 How many workers run is measured, not fixed (:class:`_Growth`): a pass starts with a few, and
 doubles them while the total rate still rises (origins that cap each connection need as many
@@ -17,24 +18,24 @@ cap): the pass stops handing out chunks and the engine reads the rest as one str
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
 
-from modelcache._retry import RetryBudget, TransientError
+from modelcache._retry import Cancelled, RetryBudget, TransientError
 
-from ._part import Part, handed_over
+from ._options import MiB
+from ._part import Part
 from ._reader import RangeStream, Reader, close_quietly
 
-__all__ = ["OriginChanged", "RangesRefused", "fetch_ranges"]
+__all__ = ["AHEAD", "OriginChanged", "RangesRefused", "fetch_ranges"]
 
-Chunk = tuple[int, int | None]
+Chunk = tuple[int, int]
 
 #: workers a parallel pass starts with (then doubled while the total rate rises)
 START_WORKERS = 8
-_GAIN = 1.25  # a doubling is kept growing only when the total rate rose at least this much
+#: bytes workers may fetch past the hashing position (at least two chunks per connection)
+AHEAD = 256 * MiB
 _SETTLE = 0.3  # seconds a worker count runs before its rate is judged
 
 
@@ -46,84 +47,50 @@ class RangesRefused(TransientError):
     """A ranged request got the whole file: read the rest as one stream."""
 
 
-class _Stop:
-    """End-of-chunk marker in a chunk's queue."""
-
-
-_STOP = _Stop()
-
-
-class _Pieces:
-    """One chunk's pieces on their way to the hasher; at most ``limit`` wait at a time.
-
-    A worker that gets that far ahead of the hasher waits (and stops reading its socket), so
-    memory stays bounded even when the hasher cannot keep up.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._room = threading.Semaphore(limit)
-
-    def put(self, piece: bytes, abort: threading.Event) -> bool:
-        """Queue a piece once there is room; False when the download is aborted meanwhile."""
-        while not self._room.acquire(timeout=0.25):
-            if abort.is_set():
-                return False
-        self._queue.put(piece)
-        return True
-
-    def signal(self, item: Any) -> None:
-        """Queue the end marker or an error (never waits)."""
-        self._queue.put(item)
-
-    def get(self, timeout: float) -> Any:
-        """The next item; raises ``queue.Empty`` after ``timeout`` seconds."""
-        item = self._queue.get(timeout=timeout)
-        if isinstance(item, bytes):
-            self._room.release()
-        return item
-
-
 class _Plan:
-    """Which chunk each worker takes next: never more than ``window`` ahead of the hasher."""
+    """Which chunk a worker takes next: only the first ``workers`` workers take chunks, and
+    only chunks that start less than ``ahead`` bytes past the hashing position."""
 
-    def __init__(self, count: int, window: int) -> None:
-        self.count = count
-        self.window = window
+    def __init__(self, chunks: list[Chunk], workers: int, ahead: int) -> None:
+        self.chunks = chunks
+        self.count = len(chunks)
+        self.workers = workers
+        self.ahead = ahead
         self._next = 1  # chunk 0 is the first worker's
-        self._hashed = 0
+        self._hashed = chunks[0][0]
         self._cond = threading.Condition()
         self.abort = threading.Event()
 
-    def take(self) -> int | None:
+    def take(self, worker: int) -> int | None:
+        """The next chunk for ``worker`` (waiting while it may not take one); None: no more."""
         with self._cond:
             while not self.abort.is_set():
                 index = self._next
                 if index >= self.count:
                     return None
-                if index < self._hashed + self.window:
+                if worker < self.workers and self.chunks[index][0] < self._hashed + self.ahead:
                     self._next = index + 1
                     return index
                 self._cond.wait(0.5)
             return None
 
-    def hashed(self, count: int) -> None:
+    def hashed(self, position: int) -> None:
+        """The hasher reached ``position``: workers may take chunks up to ``ahead`` past it."""
         with self._cond:
-            self._hashed = count
+            self._hashed = position
             self._cond.notify_all()
 
-    def widen(self, window: int) -> None:
-        """Let workers run ``window`` chunks ahead of the hasher (fewer: the extra ones wait)."""
+    def resize(self, workers: int) -> None:
+        """Let the first ``workers`` workers take chunks (the others wait)."""
         with self._cond:
-            self.window = window
+            self.workers = workers
             self._cond.notify_all()
 
-    def close(self) -> int:
-        """Hand out no more chunks; how many were handed out (the hasher hashes those)."""
+    def close(self) -> None:
+        """Hand out no more chunks (the hasher hashes those handed out)."""
         with self._cond:
             self.count = min(self.count, self._next)
             self._cond.notify_all()
-            return self.count
 
     def stop(self) -> None:
         self.abort.set()
@@ -135,7 +102,9 @@ class _Growth:
     """How many workers a pass runs: doubled while the total rate still rises.
 
     ``baseline``: the rate of the one stream that measured the origin (``None``: not measured).
-    Workers that together do not beat it by :data:`_GAIN` mean parallel ranges do not help.
+    More workers are kept only when they fetch a quarter of their proportional gain more than
+    the fewer did (1.25x for a doubling, :func:`_worth`); workers that do not so beat the one
+    stream mean parallel ranges do not help.
     """
 
     def __init__(
@@ -143,9 +112,10 @@ class _Growth:
     ) -> None:
         self.workers = max(1, min(start, limit))
         self.limit = limit
-        self.best = baseline
         self.futile = False  # the first workers were no faster than one stream
         self._fetched = fetched
+        #: the rate to beat, and how many workers reached it
+        self._best = None if baseline is None else (baseline, 1)
         self._settled = self.workers >= limit and baseline is None
         self._before: int | None = None  # the count before the last doubling
         self._mark = (time.monotonic(), fetched())
@@ -159,14 +129,14 @@ class _Growth:
         if now - began < _SETTLE:
             return None
         rate = (got - before) / (now - began)
-        if self.best is not None and rate < self.best * _GAIN:
-            self._settled = True  # the last doubling did not pay: back to the count before it
+        if self._best is not None and rate < self._best[0] * _worth(self._best[1], self.workers):
+            self._settled = True  # the last step did not pay: back to the count before it
             self.futile = self._before is None
             if self._before is None:
                 return None
             self.workers = self._before
             return self.workers
-        self.best = rate
+        self._best = (rate, self.workers)
         if self.workers >= self.limit:
             self._settled = True
             return None
@@ -174,6 +144,11 @@ class _Growth:
         self.workers = min(self.limit, self.workers * 2)
         self._mark = (now, got)
         return self.workers
+
+
+def _worth(before: int, after: int) -> float:
+    """How many times the rate of ``before`` workers ``after`` must reach to be kept."""
+    return 1 + (after / before - 1) / 4
 
 
 def fetch_ranges(
@@ -197,47 +172,77 @@ def fetch_ranges(
     Returns the number of workers it settled on, or 0 when parallel ranges proved no faster
     than one stream: then it stopped early, and the chunks not handed out are still missing.
     """
-    limit = -(-chunk_size // piece_size) + 1
-    queues = [_Pieces(limit) for _ in chunks]
     growth = _Growth(start, max(1, connections), baseline, lambda: part.fetched)
-    plan = _Plan(len(chunks), growth.workers)
+    plan = _Plan(chunks, growth.workers, max(AHEAD, 2 * connections * chunk_size))
+    written = threading.Condition()  # a worker wrote bytes, or failed
+    failed: list[BaseException] = []
 
-    def work(stream: RangeStream | None, index: int | None) -> None:
-        if index is None:
-            index = plan.take()
-        while index is not None and not plan.abort.is_set():
-            _fetch_chunk(part, reader, chunks[index], stream, queues[index], plan.abort, budget)
-            stream = None
-            index = plan.take()
+    def wrote() -> None:
+        with written:
+            written.notify()
+
+    def work(worker: int, stream: RangeStream | None) -> None:
+        buffer = bytearray(piece_size)
+        index = 0 if stream is not None else plan.take(worker)
+        try:
+            while index is not None and not plan.abort.is_set():
+                _fetch_chunk(part, reader, chunks[index], stream, buffer, plan.abort, budget, wrote)
+                stream = None
+                index = plan.take(worker)
+        except BaseException as error:  # handed to the hasher, which raises it
+            with written:
+                failed.append(error)
+                written.notify()
+        finally:
+            close_quietly(stream)
 
     workers: list[threading.Thread] = []
 
     def hire(count: int) -> None:
         while len(workers) < min(count, len(chunks)):
             n = len(workers)
-            args = (first, 0) if n == 0 else (None, None)  # the others take their own chunks
+            args = (n, first if n == 0 else None)  # the others take their own chunks
             worker = threading.Thread(target=work, args=args, daemon=True, name=f"modelcache-{n}")
             workers.append(worker)
             worker.start()
+
+    def written_after(position: int) -> int:
+        """Where the written bytes from ``position`` on end, once some are or a moment passed
+        (then ``position``); raises what a worker raised."""
+        with written:
+            if failed:
+                raise failed[0]
+            if part.cancel.is_set():
+                raise Cancelled
+            reach = part.ranges.reach(position)
+            if reach == position:
+                written.wait(0.25)
+                reach = part.ranges.reach(position)
+            return reach
+
+    def grow() -> None:
+        changed = growth.check()
+        if changed is not None:  # more workers, or back to fewer
+            plan.resize(changed)
+            hire(changed)
+        elif growth.futile:
+            plan.close()  # one stream is as fast here: the engine reads the rest that way
 
     hire(growth.workers)
     try:
         index = 0
         while index < plan.count:
-            part.hash_kept(chunks[index][0])
-            while (item := handed_over(queues[index].get, part.cancel)) is not _STOP:
-                part.hash(item)
+            begin, end = chunks[index]
+            part.hash_kept(begin)  # bytes between chunks, kept from before
+            while part.hashed < end:
+                part.hash_kept(min(end, written_after(part.hashed)))
+                plan.hashed(part.hashed)
+                grow()
             index += 1
-            plan.hashed(index)
-            changed = growth.check()
-            if changed is not None:  # more workers, or back to fewer chunks at once
-                plan.widen(changed)
-                hire(changed)
-            elif growth.futile and plan.count == len(chunks):
-                plan.close()  # one stream is as fast here: the engine reads the rest that way
     finally:
         plan.stop()
-        close_quietly(first)
+        if first is not None and not workers:
+            close_quietly(first)
         for worker in workers:
             worker.join()
     return 0 if growth.futile else growth.workers
@@ -248,47 +253,58 @@ def _fetch_chunk(
     reader: Reader,
     bounds: Chunk,
     stream: RangeStream | None,
-    out: _Pieces,
+    buffer: bytearray,
     abort: threading.Event,
     budget: RetryBudget,
+    wrote: Callable[[], None],
 ) -> None:
-    """Stream one chunk into the file and the queue, retrying from where it stopped."""
+    """Fetch one chunk into the file, retrying from where it stopped; raises what it cannot
+    retry (a transient error too, when the origin refused ranges or changed the file)."""
     position, end = bounds
-    etag, size = part.ranges.etag, part.ranges.size
-    try:
-        while True:
-            try:
-                if stream is None:
-                    stream = reader.open(position, end, etag)
-                    changed = etag is not None and stream.etag not in (None, etag)
-                    if not stream.ranged and not changed:
-                        raise RangesRefused("the origin ignored a range; one stream now")
-                    if stream.start != position or changed:
-                        raise OriginChanged("the file changed at the origin; starting again")
-                for piece in stream.pieces:
-                    if abort.is_set() or part.cancel.is_set():
-                        return
-                    if end is not None and position + len(piece) > end:
-                        piece = piece[: end - position]
-                    position = part.store(piece, position)
-                    if not out.put(piece, abort):
-                        return
-                    budget.progressed()
-                    if end is not None and position >= end:
-                        break
-                if end is not None and position < end and size is not None:
-                    raise TransientError(f"connection closed at byte {position} of {end}")
-                # (a clean end before ``end`` when the size is unknown is the end of file)
-                out.signal(_STOP)
+    etag = part.ranges.etag
+    while True:
+        try:
+            if stream is None:
+                stream = reader.open(position, end, etag)
+                changed = etag is not None and stream.etag not in (None, etag)
+                if not stream.ranged and not changed:
+                    raise RangesRefused("the origin ignored a range; one stream now")
+                if stream.start != position or changed:
+                    raise OriginChanged("the file changed at the origin; starting again")
+            for piece in _body(stream, buffer, end - position):
+                if abort.is_set() or part.cancel.is_set():
+                    return
+                position = part.store(piece, position)
+                wrote()
+                budget.progressed()
+                if position >= end:
+                    return
+            raise TransientError(f"connection closed at byte {position} of {end}")
+        except TransientError as error:
+            if isinstance(error, (OriginChanged, RangesRefused)):
+                raise  # a new version, or no ranges: the engine's outer loop decides
+            close_quietly(stream)
+            stream = None
+            budget.wait(error)
+        finally:
+            close_quietly(stream)
+            stream = None
+
+
+def _body(stream: RangeStream, buffer: bytearray, left: int) -> Iterator[bytes | memoryview]:
+    """The next at most ``left`` bytes of the body, piece by piece (into ``buffer`` when the
+    reader can skip a copy)."""
+    if stream.readinto is None:
+        for piece in stream.pieces:
+            yield piece[:left]
+            left -= len(piece)
+            if left <= 0:
                 return
-            except TransientError as error:
-                if end is None or isinstance(error, (OriginChanged, RangesRefused)):
-                    raise  # a single stream (or a new version) is retried by the outer loop
-                close_quietly(stream)
-                stream = None
-                budget.wait(error)
-            finally:
-                close_quietly(stream)
-                stream = None
-    except BaseException as error:  # handed to the hashing thread, which raises it
-        out.signal(error)
+        return
+    view = memoryview(buffer)
+    while left > 0:
+        got = stream.readinto(view[: min(len(view), left)])
+        if not got:
+            return
+        yield view[:got]
+        left -= got

@@ -131,6 +131,12 @@ class RangeMap:
             index = bisect.bisect_right(self._starts, start) - 1
             return index >= 0 and self._ends[index] >= end
 
+    def reach(self, position: int) -> int:
+        """Where the written bytes from ``position`` on end (``position`` when it is not)."""
+        with self._lock:
+            index = bisect.bisect_right(self._starts, position) - 1
+            return max(position, self._ends[index]) if index >= 0 else position
+
     def gaps(self, start: int, end: int | None) -> list[tuple[int, int | None]]:
         """The ranges of ``[start, end)`` not written yet (``end=None``: the file's end unknown,
         the last gap is open-ended)."""

@@ -47,7 +47,8 @@ def stream_through(
     first. ``decide=(position, rate)``: once the stream passed ``position``, it stops there when
     it ran slower than ``rate`` bytes per second (judged again after each buffer until it ran
     fast for :data:`_TRUSTED` seconds). Returns where the stream ended and, when it
-    stopped so, the rate it ran at (else ``None``). The stream is closed whatever happens.
+    stopped so, the rate it ran at (else ``None``). The stream is then left open, at that
+    position, for the caller to read on; otherwise it is closed, whatever happens.
     """
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
     for _ in range(max(2, _BUFFERED // piece_size)):
@@ -61,6 +62,7 @@ def stream_through(
         name="modelcache-stream",
     )
     reader.start()
+    item: Any = None
     try:
         part.hash_kept(stream.start)
         while True:
@@ -72,8 +74,9 @@ def stream_through(
             free.put(buffer)
     finally:
         stop.set()
-        close_quietly(stream)
-        reader.join()
+        if not (isinstance(item, _End) and item.slow is not None):
+            close_quietly(stream)  # (which also ends a read that waits on a silent origin)
+        reader.join()  # (a slow stream's reader has returned: it left the stream as it was)
     if part.cancel.is_set():
         raise Cancelled
     return item.position, item.slow
