@@ -6,6 +6,7 @@ Everything runs against real servers on 127.0.0.1 (``model_server``) and real pr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -156,6 +157,26 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def asked_ranges(server: ModelServer, size: int) -> list[tuple[int, int]]:
+    """The byte ranges ``[start, end)`` the server's requests asked for, in file order (a
+    request without a Range asked for the whole file)."""
+    asked = []
+    for _, headers in server.request_headers:
+        first, _, last = headers.get("Range", "bytes=0-").removeprefix("bytes=").partition("-")
+        asked.append((int(first), int(last) + 1 if last else size))
+    return sorted(asked)
+
+
+def tiles(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether sorted ``ranges`` cover ``[start, end)`` exactly once, end to end."""
+    return (
+        bool(ranges)
+        and ranges[0][0] == start
+        and ranges[-1][1] == end
+        and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    )
 
 
 def part_frontier(home: Path) -> int:

@@ -48,6 +48,9 @@ __all__ = ["TransferResult", "download"]
 #: capped connection finishes it while the others fetch the rest
 PROBE_CHUNKS = 8
 PROBE_BYTES = 16 * MiB
+#: bytes of the first request its rate is first judged over (then again after each buffer, until
+#: a fast rate held long enough to be trusted): a capped connection is told quickly
+JUDGED_AFTER = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ class _Job:
         probing = self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None
         if probing and _min(ranges.size or 0, end) - start >= 2 * self.chunk:
             # (a rest shorter than a chunk is read on: ranges would not fetch it any sooner)
-            decide = (start + self.chunk, self.options.split_below)
+            decide = (start + min(self.chunk, JUDGED_AFTER), self.options.split_below)
         ended, slow = stream_through(
             self.part, stream, end, self.options.piece_size, self.budget, decide=decide
         )
@@ -244,13 +247,21 @@ class _Job:
 
     def _chunks(self, start: int) -> list[Chunk]:
         """Every missing range after ``start``, cut into chunks at multiples of the chunk size
-        (where a stream stopped does not shift every later request)."""
+        (where a stream stopped does not shift every later request); in the file's last
+        ``connections`` chunks, quarter chunks, so the workers finish close together."""
         size, chunk = self.part.ranges.size, self.chunk
+        assert size is not None  # (ranges only once the size is known)
+        tail = max(0, size - self.options.connections * chunk)
+        small = max(1, chunk // 4)
         return [
-            (max(first, begin), min(first + chunk, last))
+            (max(first, low), min(first + step, high))
             for begin, last in self.part.ranges.gaps(start, size)
             if last is not None
-            for first in range(begin - begin % chunk, last, chunk)
+            for step, low, high in (
+                (chunk, begin, min(last, tail)),
+                (small, max(begin, tail), last),
+            )
+            for first in range(low - low % step, high, step)
         ]
 
     def _fetch_ranges(self, first: RangeStream | None, chunks: list[Chunk]) -> None:
