@@ -12,7 +12,7 @@ Both readers stream each byte range (never a whole object or range in memory):
   reader (urllib3): gcsfs reads each range whole into memory.
 
 Part sizes: S3 is probed like any HTTP origin. The first GET asks for the object's first two
-:data:`S3_CHUNK`-s and the first measures the rate one connection gets; at least
+:data:`S3_CHUNK`-s and its first bytes measure the rate one connection gets; at least
 ``TransferOptions.split_below``, the rest comes with one more GET. Slower (real S3 gives one
 connection roughly 50 to 100 MB/s): the first GET is read to its end while the rest is fetched
 as parallel ranged GETs, as many as still raise the total rate, at most

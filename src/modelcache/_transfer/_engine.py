@@ -1,7 +1,8 @@
 """The engine: one remote file into a local part file, resumed, hashed in order, retried.
 
 A download starts with one request for its first few chunks (:data:`PROBE_CHUNKS`), read by one
-stream (:mod:`._stream`). Its rate over the first chunk decides the rest. At least
+stream (:mod:`._stream`). Its rate over the first :data:`JUDGED_AFTER` bytes decides the rest
+(judged again until a fast rate held long enough to be trusted). At least
 ``TransferOptions.split_below``: it is read to its end, and the rest of the file is asked for
 with one more request and read as one stream. Slower (origins and CDNs that cap each
 connection, or a link slower than that): the first request is read on to its end while
@@ -44,7 +45,7 @@ from ._stream import stream_through
 __all__ = ["TransferResult", "download"]
 
 #: chunks the first request asks for, at most :data:`PROBE_BYTES` (but two chunks at least):
-#: enough to time the origin over its first chunk and to trust the rate, small enough that a
+#: enough to time the origin and to trust the rate, small enough that a
 #: capped connection finishes it while the others fetch the rest
 PROBE_CHUNKS = 8
 PROBE_BYTES = 16 * MiB
@@ -177,7 +178,7 @@ class _Job:
             first = (start, min(end, ranges.size))
             self._fetch_ranges(stream, [first, *self._chunks(first[1])])
             return True
-        decide = None  # whether this stream's first chunk decides between it and parallel ranges
+        decide = None  # whether this stream's first bytes decide between it and parallel ranges
         probing = self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None
         if probing and _min(ranges.size or 0, end) - start >= 2 * self.chunk:
             # (a rest shorter than a chunk is read on: ranges would not fetch it any sooner)

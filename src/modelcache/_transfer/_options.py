@@ -18,9 +18,10 @@ class TransferOptions:
             parallel download starts with 8 and doubles them while the total rate rises.
         chunk_size: bytes asked for by each ranged request.
         piece_size: bytes read from the network at a time.
-        split_below: bytes per second; a download's first request is timed over its first
-            chunk: slower than this, the rest is fetched as parallel ranged requests (as
-            one stream after all when they prove no faster), else as one stream.
+        split_below: bytes per second; a download's first request (its first 16 MiB) is
+            timed over its first 512 KiB: slower than this, the rest is fetched as parallel
+            ranged requests while it is read on (as one stream after all when they prove no
+            faster), else as one stream.
             ``math.inf``: parallel from the first byte; ``0``: one stream, no first measure.
         retries: attempts after a transient failure, counted since the last byte of progress.
         backoff: first retry delay in seconds, doubled each attempt, with jitter.
