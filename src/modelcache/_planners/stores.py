@@ -11,10 +11,11 @@ Both readers stream each byte range (never a whole object or range in memory):
 - GCS through gcsfs's endpoint and credentials, with the bytes read by modelcache's own HTTP
   reader (urllib3): gcsfs reads each range whole into memory.
 
-Part sizes: S3 is probed like any HTTP origin. The first GET asks for the object's first two
-:data:`S3_CHUNK`-s and its first bytes measure the rate one connection gets; at least
-``TransferOptions.split_below``, the rest comes with one more GET. Slower (real S3 gives one
-connection roughly 50 to 100 MB/s): the first GET is read to its end while the rest is fetched
+Part sizes: S3 is probed like any HTTP origin, but its first GET asks for the whole object (a
+GET is billed and answered after tens of milliseconds) and its first bytes measure the rate one
+connection gets; at least ``TransferOptions.split_below``, it streams on to the end. Slower
+(real S3 gives one connection roughly 50 to 100 MB/s): it is read on to two
+:data:`S3_CHUNK`-s and cut there while the rest is fetched
 as parallel ranged GETs, as many as still raise the total rate, at most
 :data:`S3_CONNECTIONS`, and back to one stream when they prove no faster (moto, the local
 server of the tests and benchmarks, copies the whole object for every ranged GET, so ranges are
@@ -137,6 +138,8 @@ def _declared_sha256(info: dict[str, Any]) -> str | None:
 class PresignedS3Reader(Reader):
     """Ranged GETs of a ``GetObject`` URL that s3fs signs, read by modelcache's HTTP reader."""
 
+    first_request_to_end = True  # a GET costs more than a cut one's bytes in flight
+
     #: how long each signed URL stays valid (a fresh one is signed for every request)
     EXPIRES = 3600
 
@@ -165,6 +168,8 @@ class PresignedS3Reader(Reader):
 
 class S3Reader(Reader):
     """Ranged ``GetObject`` calls through s3fs's client, each body streamed in 1 MiB pieces."""
+
+    first_request_to_end = True  # a GET costs more than a cut one's bytes in flight
 
     def __init__(
         self, fs: Any, path: str, *, chunk_size: int | None = None, stall_timeout: float = 30.0

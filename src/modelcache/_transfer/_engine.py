@@ -9,7 +9,9 @@ connection, or a link slower than that): the first request is read on to its end
 parallel workers fetch the chunks after it (:mod:`._ranges`), as many as raise the total rate;
 when the first of them together are no faster than that one stream, the link is the limit,
 not a cap, and the rest is read as one stream after all. Every request is bounded or read to
-its end, so no byte leaves the origin twice, whichever way the download goes.
+its end, so no byte leaves the origin twice, whichever way the download goes; but for readers
+that ask for the whole rest with the first request (``Reader.first_request_to_end``: S3, where a
+GET costs more than the few bytes a capped connection has in flight when it is cut there).
 
 Every byte written is recorded in the range map beside the part file (:mod:`._resume`), so a
 download killed at any point resumes with only the missing ranges: each pass over the file asks
@@ -160,10 +162,11 @@ class _Job:
             return False
         start, gap_end = gaps[0]
         end = None if gap_end == ranges.size else gap_end  # (the last gap: to the end)
+        probe_end = _min(start + self.probe, end)  # where a probing request's first chunk ends
         if self.mode is _Mode.PARALLEL:
             end = _min(start + self.chunk, gap_end)
-        elif self.mode is _Mode.PROBE:
-            end = _min(start + self.probe, end)
+        elif self.mode is _Mode.PROBE and not self.reader.first_request_to_end:
+            end = probe_end
         stream = self.reader.open(start, end, ranges.etag)
         try:
             if self._take_version(stream, start):
@@ -188,7 +191,6 @@ class _Job:
         )
         if decide is not None:
             if slow is not None:  # maybe a per-connection cap: try parallel ranges
-                assert end is not None  # (a probing request is bounded)
                 assert ranges.size is not None
                 self.mode = _Mode.PARALLEL
                 self.rate = slow
@@ -196,9 +198,9 @@ class _Job:
                 # at once, a link just short of split_below a small trial
                 wanted = math.ceil(self.options.split_below / max(slow, 1.0))
                 self.workers = max(2, min(self.options.connections, wanted))
-                stop = min(end, ranges.size)
+                stop = min(probe_end, ranges.size)
                 rest = self._chunks(stop)
-                if ended < stop:  # this stream reads on to its end, as the first chunk
+                if ended < stop:  # this stream reads on to there, as the first chunk
                     self._fetch_ranges(stream, [(ended, stop), *rest])
                 else:
                     close_quietly(stream)

@@ -39,6 +39,12 @@ class Reader(ABC):
 
     #: preferred bytes per ranged request, or None to use ``TransferOptions.chunk_size``
     chunk_size: int | None = None
+    #: whether a download's first request asks for the whole rest of the file rather than its
+    #: first few chunks: one request for a fast origin, but when the origin proves slow per
+    #: connection, that request is cut after those chunks and its bytes in flight are sent
+    #: for nothing. For stores whose requests cost more than that (S3 bills each GET and
+    #: answers it after tens of milliseconds; a capped connection has little in flight).
+    first_request_to_end: bool = False
 
     @abstractmethod
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
