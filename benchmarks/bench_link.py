@@ -414,12 +414,13 @@ def run(quick: bool) -> list[dict[str, Any]]:
             f">= {GOAL_OF_LINK}x the link when connections are capped (issue 16)",
         )
         capped[0]["note"] = (
-            "What limits this figure: the first chunk (2 MiB) comes over one capped connection "
-            "and decides the rest (about 0.1 s, 4% of the fetch), the parallel ranges start with "
-            "8 connections and double to 16 once 0.3 s showed the total still rising (12 fill "
-            "the link), and the last chunks finish one after another; in between, 16 capped "
-            "connections carry the link's payload ceiling. The goal leaves 15 ms for all of "
-            "that: TCP's payload is 0.956x of the tbf rate (1448 bytes in a 1514-byte frame)."
+            "What limits this figure: the first request's first 512 KiB come over one capped "
+            "connection and decide the rest (about 25 ms), then as many connections as reach "
+            "split_below at that rate (13 at 20 MiB/s, 12 fill the link) fetch the rest while "
+            "that request is read to its end (16 MiB), and up to 16 when 0.3 s shows the total "
+            "still rising; the file's last chunks go as quarter chunks so the connections finish "
+            "close together. TCP's payload is 0.956x of the tbf rate (1448 bytes in a 1514-byte "
+            "frame): the goal leaves about 0.6% of the fetch for all of that."
         )
         rows += capped
     rows += where_the_time_goes(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from conftest import FAST, MiB, make_payload, sha, tiles
 
 from modelcache import Cache, SourceError, TransferOptions
 from modelcache._readers import HTTPReader
+from modelcache._retry import RetryBudget
 from modelcache._sources import Source
 from modelcache._transfer import (
     FatalError,
@@ -24,6 +26,9 @@ from modelcache._transfer import (
     download,
     read_resume_state,
 )
+from modelcache._transfer._part import Part
+from modelcache._transfer._ranges import fetch_ranges
+from modelcache._transfer._resume import RangeMap
 from modelcache.testing import ModelServer
 
 
@@ -120,6 +125,33 @@ def test_a_slow_single_stream_is_split_into_parallel_ranges(tmp_path: Path) -> N
     assert tiles(rest, 2 * MiB, 4 * MiB)  # each byte asked for once
     assert max(end - start for start, end in rest) == 256 * 1024
     assert result.fetched == len(data)
+
+
+def test_parallel_ranges_without_a_first_response_fetch_every_chunk(tmp_path: Path) -> None:
+    # (the engine's path when a slow first request ended right where its chunks end)
+    data = make_payload(3 * MiB + 5)
+    reader = MemoryReader(data)
+    fd = os.open(tmp_path / "x.part", os.O_RDWR | os.O_CREAT)
+    try:
+        part = Part(
+            fd, RangeMap(tmp_path / "x.part", size=len(data), etag='"v1"'), None, threading.Event()
+        )
+        chunks = [(start, min(start + MiB, len(data))) for start in range(0, len(data), MiB)]
+        fetch_ranges(
+            part,
+            reader,
+            None,
+            chunks,
+            connections=2,
+            chunk_size=MiB,
+            piece_size=64 * 1024,
+            budget=RetryBudget(FAST, part.cancel),
+        )
+    finally:
+        os.close(fd)
+    assert part.hasher.hexdigest() == sha(data)
+    assert sorted(reader.opened) == chunks
+    assert (tmp_path / "x.part").read_bytes() == data
 
 
 def test_ranges_refused_after_a_split_fall_back_to_one_stream(tmp_path: Path) -> None:

@@ -183,7 +183,7 @@ def fetch_ranges(
 
     def work(worker: int, stream: RangeStream | None) -> None:
         buffer = bytearray(piece_size)
-        index = 0 if stream is not None else plan.take(worker)
+        index = 0 if worker == 0 else plan.take(worker)  # chunk 0 is the first worker's
         try:
             while index is not None and not plan.abort.is_set():
                 _fetch_chunk(part, reader, chunks[index], stream, buffer, plan.abort, budget, wrote)
