@@ -154,6 +154,42 @@ def test_parallel_ranges_without_a_first_response_fetch_every_chunk(tmp_path: Pa
     assert (tmp_path / "x.part").read_bytes() == data
 
 
+class BurstReader(MemoryReader):
+    """Each answer sends its first ``burst`` bytes fast, the rest at a capped ``rate``."""
+
+    def __init__(self, data: bytes, burst: int, fast: float, rate: float) -> None:
+        super().__init__(data, piece=64 * 1024)
+        self.burst, self.fast, self.rate = burst, fast, rate
+
+    def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+        stream = super().open(start, end, etag)
+        stream.pieces = self._paced(start, len(self.data) if end is None else end)
+        return stream
+
+    def _paced(self, start: int, stop: int) -> Iterator[bytes]:
+        left = self.burst  # (each answer has its own, as nginx's limit_rate gives)
+        for piece in self._pieces(start, stop):
+            time.sleep(len(piece) / (self.fast if left > 0 else self.rate))
+            left -= len(piece)
+            yield piece
+
+
+def test_a_burst_that_carried_the_first_request_does_not_pass_for_a_fast_origin(
+    tmp_path: Path,
+) -> None:
+    # 1.5 MiB at 20 MiB/s (75 ms, longer than the time a fast rate must hold), then 1 MiB/s:
+    # the first request (8 chunks, 2 MiB) looks fast until it ends, and slow as a whole
+    data = make_payload(6 * MiB)
+    reader = BurstReader(data, burst=3 * MiB // 2, fast=20 * MiB, rate=MiB)
+    options = replace(FAST, connections=4, chunk_size=256 * 1024, split_below=8 * MiB)
+    result = download(reader, tmp_path / "x.part", options=options)
+    assert result.sha256 == sha(data)
+    assert reader.opened[0] == (0, 2 * MiB)
+    rest = sorted((start, end) for start, end in reader.opened[1:] if end is not None)
+    assert len(rest) == len(reader.opened) - 1  # the rest as ranges, not one stream
+    assert tiles(rest, 2 * MiB, 6 * MiB)
+
+
 def test_ranges_refused_after_a_split_fall_back_to_one_stream(tmp_path: Path) -> None:
     data = make_payload(3 * MiB)
     reader = SlowReader(data, rate=4 * MiB, honest=1)  # only the first answer is ranged
