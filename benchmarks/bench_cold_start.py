@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_link import CPU, CURL, MODELCACHE, _child, link, why_not  # noqa: E402
+from bench_link import CPU, CURL, FETCH_IMPORTS, MODELCACHE, _child, link, why_not  # noqa: E402
 from bench_load import write_weights  # noqa: E402
 from common import MiB, alternate, nginx, ratio, row, summarize  # noqa: E402
 
@@ -40,6 +40,7 @@ GOAL_VS_FETCH = 1.1
 
 HANDLE = (
     CPU
+    + FETCH_IMPORTS
     + """
 import logging, shutil, threading
 import torch  # an import, as in any service: the clock starts after it

@@ -71,14 +71,19 @@ def cpu():
     return t.user + t.system + t.children_user + t.children_system
 """
 
+#: what modelcache's first fetch imports lazily (urllib3, the engine): imported before the clock
+#: starts, as the requests contender's ``import requests`` brings urllib3 before its clock
+FETCH_IMPORTS = """
+import urllib3, concurrent.futures.thread
+import modelcache._readers, modelcache._planners.http, modelcache._transfer
+"""
+
 MODELCACHE = (
     CPU
+    + FETCH_IMPORTS
     + """
 import shutil
 from modelcache import Cache
-# what a first fetch imports lazily (urllib3, the engine), as requests' import brings urllib3
-import urllib3, concurrent.futures.thread  # noqa: E401
-import modelcache._readers, modelcache._planners.http, modelcache._transfer  # noqa: E401
 url, digest, home, sample = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 sampler = None
 if sample:
