@@ -30,7 +30,6 @@ import enum
 import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,15 +186,9 @@ class _Job:
         if probing and _min(ranges.size or 0, end) - start >= 2 * self.chunk:
             # (a rest shorter than a chunk is read on: ranges would not fetch it any sooner)
             decide = (start + min(self.chunk, JUDGED_AFTER), self.options.split_below)
-        began = time.monotonic()
         ended, slow = stream_through(
             self.part, stream, end, self.options.piece_size, self.budget, decide=decide
         )
-        if decide is not None and slow is None and ended == end and end < (ranges.size or 0):
-            # judged fast and read to its end: its whole rate decides, as a burst (a token
-            # bucket, nginx's first send) may have carried it past the trusted time
-            whole = (ended - start) / max(time.monotonic() - began, 1e-6)
-            slow = whole if whole < self.options.split_below else None
         if decide is not None:
             if slow is not None:  # maybe a per-connection cap: try parallel ranges
                 assert ranges.size is not None

@@ -46,8 +46,9 @@ def stream_through(
     Bytes of ``[part.hashed, stream.start)`` must be written already: they are hashed from disk
     first. ``decide=(position, rate)``: once the stream passed ``position``, it stops there when
     it ran slower than ``rate`` bytes per second (judged again after each buffer until it ran
-    fast for :data:`_TRUSTED` seconds). Returns where the stream ended and, when it
-    stopped so, the rate it ran at (else ``None``). The stream is then left open, at that
+    fast for :data:`_TRUSTED` seconds, and once more as a whole when it was read to ``end``).
+    Returns where the stream ended and, when it stopped so or was slow as a whole, the rate it
+    ran at (else ``None``). The stream is then left open, at that
     position, for the caller to read on; otherwise it is closed, whatever happens.
     """
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
@@ -96,6 +97,7 @@ def _read(
     position = stream.start
     pieces = None if stream.readinto is not None else iter(stream.pieces)
     began = time.monotonic()  # the answer's headers are in: its body starts now
+    judged = decide  # (``decide`` is dropped once the stream is trusted)
     try:
         while not stop.is_set() and not part.cancel.is_set():
             if end is not None and position >= end:
@@ -124,6 +126,13 @@ def _read(
             position = part.store(data, position)
             filled.put((data, buffer))
             budget.progressed()
+        if judged is not None and end is not None and position >= end:
+            # read to its end: its whole rate decides too, as a burst (a token bucket,
+            # nginx's first send) may have carried it past the trusted time
+            took = time.monotonic() - began
+            if took > 0 and (whole := (position - stream.start) / took) < judged[1]:
+                filled.put(_End(position, whole))
+                return
         filled.put(_End(position))
     except BaseException as error:  # handed to the hashing thread, which raises it
         filled.put(error)
