@@ -155,19 +155,23 @@ def test_parallel_ranges_without_a_first_response_fetch_every_chunk(tmp_path: Pa
 
 
 class BurstReader(MemoryReader):
-    """Each answer sends its first ``burst`` bytes fast, the rest at a capped ``rate``."""
+    """Each answer sends its first ``burst`` bytes fast, the rest at a capped ``rate``
+    (``first_only``: only the first answer, whose connection's buffers were full)."""
 
-    def __init__(self, data: bytes, burst: int, fast: float, rate: float) -> None:
+    def __init__(
+        self, data: bytes, burst: int, fast: float, rate: float, *, first_only: bool = False
+    ) -> None:
         super().__init__(data, piece=64 * 1024)
-        self.burst, self.fast, self.rate = burst, fast, rate
+        self.burst, self.fast, self.rate, self.first_only = burst, fast, rate, first_only
 
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
         stream = super().open(start, end, etag)
-        stream.pieces = self._paced(start, len(self.data) if end is None else end)
+        burst = 0 if self.first_only and len(self.opened) > 1 else self.burst
+        stream.pieces = self._paced(start, len(self.data) if end is None else end, burst)
         return stream
 
-    def _paced(self, start: int, stop: int) -> Iterator[bytes]:
-        left = self.burst  # (each answer has its own, as nginx's limit_rate gives)
+    def _paced(self, start: int, stop: int, burst: int) -> Iterator[bytes]:
+        left = burst  # (each answer has its own, as nginx's limit_rate gives)
         for piece in self._pieces(start, stop):
             time.sleep(len(piece) / (self.fast if left > 0 else self.rate))
             left -= len(piece)
@@ -188,6 +192,63 @@ def test_a_burst_that_carried_the_first_request_does_not_pass_for_a_fast_origin(
     rest = sorted((start, end) for start, end in reader.opened[1:] if end is not None)
     assert len(rest) == len(reader.opened) - 1  # the rest as ranges, not one stream
     assert tiles(rest, 2 * MiB, 6 * MiB)
+
+
+def test_a_first_answer_overrated_by_its_burst_does_not_stop_parallel_ranges(
+    tmp_path: Path,
+) -> None:
+    # the first answer sends 1 MiB at 32 MiB/s (what its connection's buffers held), then every
+    # connection runs at 1 MiB/s: the first stream is judged slow at about 11 MiB/s, and two
+    # workers with it fetch 3 MiB/s, short of what that rate promised. One worker alone is
+    # slower still, so the burst misled, not the link: the workers grow on, and nothing is
+    # read as one capped stream
+    data = make_payload(4 * MiB)
+    reader = BurstReader(data, burst=MiB, fast=32 * MiB, rate=MiB, first_only=True)
+    options = replace(FAST, connections=4, chunk_size=256 * 1024, split_below=16 * MiB)
+    result = download(reader, tmp_path / "x.part", options=options)
+    assert result.sha256 == sha(data)
+    assert reader.opened[0] == (0, 2 * MiB)
+    rest = sorted((start, end) for start, end in reader.opened[1:] if end is not None)
+    assert len(rest) == len(reader.opened) - 1  # the rest as ranges, not one stream
+    assert tiles(rest, 2 * MiB, 4 * MiB)
+    assert result.fetched == len(data)
+
+
+class SharedLinkReader(MemoryReader):
+    """Every answer shares one link of ``rate`` bytes/s (a link, not a cap, is the limit)."""
+
+    def __init__(self, data: bytes, rate: float) -> None:
+        super().__init__(data, piece=64 * 1024)
+        self.rate = rate
+        self._free_at = 0.0  # when the link is free for the next piece
+        self._lock = threading.Lock()
+
+    def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
+        stream = super().open(start, end, etag)
+        stream.pieces = self._shared(start, len(self.data) if end is None else end)
+        return stream
+
+    def _shared(self, start: int, stop: int) -> Iterator[bytes]:
+        for piece in self._pieces(start, stop):
+            with self._lock:
+                self._free_at = max(time.monotonic(), self._free_at) + len(piece) / self.rate
+                done = self._free_at
+            time.sleep(max(0.0, done - time.monotonic()))
+            yield piece
+
+
+def test_parallel_ranges_no_faster_than_one_stream_end_in_one_stream(tmp_path: Path) -> None:
+    # a 4 MiB/s link: judged slow, the workers share it, and one worker alone is as fast; the
+    # rest is read as one stream
+    data = make_payload(6 * MiB)
+    reader = SharedLinkReader(data, rate=4 * MiB)
+    options = replace(FAST, connections=4, chunk_size=256 * 1024, split_below=16 * MiB)
+    result = download(reader, tmp_path / "x.part", options=options)
+    assert result.sha256 == sha(data)
+    assert reader.opened[0] == (0, 2 * MiB)
+    assert len(reader.opened) > 2  # it tried parallel ranges...
+    assert reader.opened[-1][1] is None  # ...and read the rest as one stream
+    assert result.fetched == len(data)
 
 
 def test_ranges_refused_after_a_split_fall_back_to_one_stream(tmp_path: Path) -> None:

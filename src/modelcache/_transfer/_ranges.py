@@ -11,9 +11,11 @@ hashed the same way when the hasher reaches them.
 How many workers run is measured, not fixed (:class:`_Growth`): a pass starts with a few, and
 doubles them while the total rate still rises (origins that cap each connection need as many
 as the link holds caps: 12 at 20 MiB/s on a 2 Gbit/s link), up to ``connections``. When the
-first workers together are no faster than the one stream that measured the origin, parallel
-ranges do not help there (the link, the origin or the CPU is the limit, not a per-connection
-cap): the pass stops handing out chunks and the engine reads the rest as one stream.
+first workers together are no faster than the one stream that measured the origin, one worker
+is measured alone: as fast as they were, parallel ranges do not help there (the link, the
+origin or the CPU is the limit, not a per-connection cap), and the pass stops handing out
+chunks for the engine to read the rest as one stream; slower, a burst had carried that
+stream's first bytes, and the workers grow on.
 """
 
 from __future__ import annotations
@@ -103,8 +105,11 @@ class _Growth:
 
     ``baseline``: the rate of the one stream that measured the origin (``None``: not measured).
     More workers are kept only when they fetch a quarter of their proportional gain more than
-    the fewer did (1.25x for a doubling, :func:`_worth`); workers that do not so beat the one
-    stream mean parallel ranges do not help.
+    the fewer did (1.25x for a doubling, :func:`_worth`). When the first workers do not so beat
+    the one stream, one worker is measured before the pass gives up on parallel ranges: a burst
+    (the socket buffers' first bytes, a token bucket) may have carried that stream's first bytes
+    and made its rate look higher than a capped connection's. Parallel ranges do not help only
+    when one worker is nearly as fast as the first workers were.
     """
 
     def __init__(
@@ -112,12 +117,15 @@ class _Growth:
     ) -> None:
         self.workers = max(1, min(start, limit))
         self.limit = limit
-        self.futile = False  # the first workers were no faster than one stream
+        self.futile = False  # one worker was as fast as the first workers: parallel does not help
         self._fetched = fetched
-        #: the rate to beat, and how many workers reached it
-        self._best = None if baseline is None else (baseline, 1)
+        self._baseline = baseline
+        self._best: tuple[float, int] | None = None  # the best rate measured, and its workers
+        #: the first workers' rate and count, when it fell short of the baseline (one worker
+        #: is measured next, once the others finished the chunks they had)
+        self._short: tuple[float, int] | None = None
+        self._alone = False  # whether the other workers have finished their chunks
         self._settled = self.workers >= limit and baseline is None
-        self._before: int | None = None  # the count before the last doubling
         self._mark = (time.monotonic(), fetched())
 
     def check(self) -> int | None:
@@ -129,20 +137,38 @@ class _Growth:
         if now - began < _SETTLE:
             return None
         rate = (got - before) / (now - began)
-        if self._best is not None and rate < self._best[0] * _worth(self._best[1], self.workers):
-            self._settled = True  # the last step did not pay: back to the count before it
-            self.futile = self._before is None
-            if self._before is None:
+        self._mark = (now, got)
+        if self._short is not None and not self._alone:
+            self._alone = True  # the others finished their chunks: one worker is timed from now
+            return None
+        if self._short is not None:  # ``rate`` is one worker's
+            best, self._short = self._short, None
+            if best[0] < rate * _worth(1, best[1]):
+                self.futile = self._settled = True  # the link, not a cap, is the limit
                 return None
-            self.workers = self._before
+            self._best = best  # the first measure was carried by a burst: parallel it is
+            return self._next(best[1])
+        if self._best is None:  # the first workers
+            if self._baseline is not None and rate < self._baseline * _worth(1, self.workers):
+                if self.workers == 1:
+                    self.futile = self._settled = True
+                    return None
+                self._short = (rate, self.workers)
+                self.workers = 1
+                return self.workers
+            self._best = (rate, self.workers)
+            return self._next(self.workers)
+        if rate < self._best[0] * _worth(self._best[1], self.workers):
+            self._settled = True  # the last step did not pay: back to the count before it
+            self.workers = self._best[1]
             return self.workers
         self._best = (rate, self.workers)
-        if self.workers >= self.limit:
-            self._settled = True
-            return None
-        self._before = self.workers
-        self.workers = min(self.limit, self.workers * 2)
-        self._mark = (now, got)
+        return self._next(self.workers)
+
+    def _next(self, workers: int) -> int:
+        """Double ``workers`` (the count now kept), or settle there at the limit."""
+        self._settled = workers >= self.limit
+        self.workers = min(self.limit, workers * 2)
         return self.workers
 
 

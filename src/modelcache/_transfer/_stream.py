@@ -22,6 +22,9 @@ __all__ = ["stream_through"]
 _HAND_OVER = 0.25  # seconds a partly filled buffer waits before it is hashed anyway
 _BUFFERED = 4 * MiB  # bytes of reusable buffers between the reading thread and the hasher
 _TRUSTED = 0.05  # seconds a stream must stay fast (from its first byte) to be judged fast
+#: seconds a stream is timed over at least before its rate is judged: its first bytes come in
+#: a burst (what the origin's and the kernel's buffers held), which a shorter time overrates
+_TIMED_FOR = 0.02
 
 
 class _End:
@@ -104,7 +107,7 @@ def _read(
                 break
             if decide is not None and position >= decide[0]:
                 took = time.monotonic() - began
-                rate = (position - stream.start) / took if took >= 0.005 else None
+                rate = (position - stream.start) / took if took >= _TIMED_FOR else None
                 if rate is not None and rate < decide[1]:
                     filled.put(_End(position, rate))  # slow: the caller goes on otherwise
                     return
