@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import MiB, make_payload, sha
+from conftest import FAST, MiB, make_payload, sha
 from servers.hub import HubStandIn
 
 from modelcache import Cache, IntegrityError, NotCachedError, SourceError
@@ -215,6 +217,28 @@ def test_503_and_cut_connections_are_retried_and_resumed(cache: Cache, hub: HubS
     assert got.read_bytes() == data
     assert time.monotonic() - started < 20
     assert hub.count(lambda m, p: p.startswith("/lfs/")) == 3
+
+
+def test_a_file_in_parallel_ranges_asks_the_hub_once_and_again_when_its_cdn_url_expires(
+    modelcache_home: Path, hub: HubStandIn
+) -> None:
+    # every chunk goes to the CDN URL the Hub redirected the first request to, not through the
+    # Hub again; when the CDN refuses that URL (its signature expired), the Hub is asked afresh
+    data = make_payload(3 * MiB, seed=9)
+    hub.push("org/m", {"model.bin": data})
+    cdn_requests = iter(range(1_000))
+    hub.fail(
+        times=1, status=403, match=lambda m, p: p.startswith("/lfs/") and next(cdn_requests) == 5
+    )
+    parallel = replace(FAST, split_below=math.inf, connections=4, chunk_size=256 * 1024)
+    cache = Cache(modelcache_home, read_only_paths=[], offline=False, transfer=parallel)
+
+    got = cache.fetch("hf://org/m/model.bin", sha(data))
+
+    assert got.read_bytes() == data
+    chunks = hub.count(lambda m, p: m == "GET" and p.startswith("/lfs/"))
+    assert chunks >= 12  # 3 MiB in 256 KiB chunks (and the one refused)
+    assert hub.count(lambda m, p: m == "GET" and "/resolve/" in p) == 2
 
 
 def test_stand_in_is_faithful_to_huggingface_hub(hub: HubStandIn, tmp_path: Path) -> None:

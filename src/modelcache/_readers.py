@@ -41,6 +41,8 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 _pools: dict[tuple[str | None, float, float, int, str | None], Any] = {}
 _pools_lock = threading.Lock()
+#: what a redirect target (a signed URL) answers once it no longer serves the file
+_EXPIRED = frozenset({401, 403, 404, 410})
 
 
 def open_reader(source: Source, options: TransferOptions) -> Reader:
@@ -181,19 +183,55 @@ class HTTPReader(Reader):
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             self._headers.setdefault("Authorization", f"Basic {token}")
         self._url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        self._options, self._ca_certs = options, ca_certs
         self._pool = pool_for(self._url, options, ca_certs)
         self._piece = options.piece_size
+        #: where the origin redirected this file (a CDN's signed URL, and the pool and headers
+        #: for it): later ranges go there at once, until it refuses one
+        self._target: tuple[str, Any, dict[str, str]] | None = None
+        self._refreshing = threading.Lock()
         #: the headers of the last response (stores read their metadata from them)
         self.last_headers: Mapping[str, str] = {}
 
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
-        headers = dict(self._headers)
+        ranged: dict[str, str] = {}
         if start or end is not None:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+            ranged["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
             if etag and not etag.startswith("W/"):
-                headers["If-Range"] = etag
-        response = send(self._pool, "GET", self._url, headers=headers, scrub=self._source.scrub)
-        return self._stream(response, start, "Range" in headers)
+                ranged["If-Range"] = etag
+        target = self._target
+        while target is not None:  # (a Hub file's chunks: no round trip to the Hub for each)
+            url, pool, headers = target
+            response = send(pool, "GET", url, headers=headers | ranged, scrub=self._source.scrub)
+            if response.status not in _EXPIRED:
+                return self._stream(response, start, bool(ranged))
+            discard(response)  # its signature expired: the origin redirects afresh, once
+            with self._refreshing:
+                if self._target is target:  # (the others keep it until it is replaced)
+                    return self._from_origin(start, ranged)
+            target = self._target  # another worker asked the origin meanwhile
+        return self._from_origin(start, ranged)
+
+    def _from_origin(self, start: int, ranged: dict[str, str]) -> RangeStream:
+        response = send(
+            self._pool, "GET", self._url, headers=self._headers | ranged, scrub=self._source.scrub
+        )
+        self._follow(response.url)
+        return self._stream(response, start, bool(ranged))
+
+    def _follow(self, url: str | None) -> None:
+        """Keep where a redirect led (or that none did), with the headers urllib3 sends there
+        (no credentials to another host)."""
+        if not url or url == self._url or urlsplit(url).scheme not in ("http", "https"):
+            self._target = None
+            return
+        headers = dict(self._headers)
+        if urlsplit(url).netloc != urlsplit(self._url).netloc:
+            import urllib3
+
+            dropped = {h.lower() for h in urllib3.Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT}
+            headers = {k: v for k, v in headers.items() if k.lower() not in dropped}
+        self._target = (url, pool_for(url, self._options, self._ca_certs), headers)
 
     def _describe(self, error: BaseException) -> str:
         return self._source.scrub(f"{type(error).__name__}: {error}")
