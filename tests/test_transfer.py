@@ -214,6 +214,26 @@ def test_a_first_answer_overrated_by_its_burst_does_not_stop_parallel_ranges(
     assert result.fetched == len(data)
 
 
+def test_a_stream_that_slows_down_once_its_burst_ran_out_goes_parallel(tmp_path: Path) -> None:
+    # every answer sends 2 MiB at 64 MiB/s, then 1 MiB/s (a token bucket): the first request
+    # (2 MiB) is fast as a whole, so the rest is asked for as one stream, which slows down
+    # after its own burst. Watched, it is cut at a chunk's end after a second below half of
+    # split_below, and the chunks after it go parallel (here at once: each answer bursts)
+    data = make_payload(12 * MiB)
+    reader = BurstReader(data, burst=2 * MiB, fast=64 * MiB, rate=MiB)
+    options = replace(FAST, connections=4, chunk_size=256 * 1024, split_below=8 * MiB)
+    result = download(reader, tmp_path / "x.part", options=options)
+    assert result.sha256 == sha(data)
+    assert reader.opened[:2] == [(0, 2 * MiB), (2 * MiB, None)]
+    rest = sorted((start, end) for start, end in reader.opened[2:] if end is not None)
+    assert len(rest) == len(reader.opened) - 2  # then ranges only
+    cut = rest[0][0]
+    assert 4 * MiB < cut < 6 * MiB  # after about a second
+    assert cut % (256 * 1024) == 0
+    assert tiles(rest, cut, 12 * MiB)
+    assert result.fetched == len(data)
+
+
 class SharedLinkReader(MemoryReader):
     """Every answer shares one link of ``rate`` bytes/s (a link, not a cap, is the limit)."""
 

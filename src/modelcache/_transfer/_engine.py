@@ -8,10 +8,12 @@ with one more request and read as one stream. Slower (origins and CDNs that cap 
 connection, or a link slower than that): the first request is read on to its end while
 parallel workers fetch the chunks after it (:mod:`._ranges`), as many as raise the total rate;
 when the first of them together are no faster than that one stream, the link is the limit,
-not a cap, and the rest is read as one stream after all. Every request is bounded or read to
-its end, so no byte leaves the origin twice, whichever way the download goes; but for readers
-that ask for the whole rest with the first request (``Reader.first_request_to_end``: S3, where a
-GET costs more than the few bytes a capped connection has in flight when it is cut there).
+not a cap, and the rest is read as one stream after all. A long stream is watched
+(:data:`WATCHED_FROM`): when it slows down (a token bucket's burst ran out), it is cut at the
+end of the chunk it is in and the rest goes parallel after all, once per download. Every other
+request is bounded or read to its end, so no byte leaves the origin twice; but for readers that
+ask for the whole rest with the first request (``Reader.first_request_to_end``: S3, where a GET
+costs more than the few bytes a capped connection has in flight when it is cut there).
 
 Every byte written is recorded in the range map beside the part file (:mod:`._resume`), so a
 download killed at any point resumes with only the missing ranges: each pass over the file asks
@@ -54,6 +56,10 @@ PROBE_BYTES = 16 * MiB
 #: bytes of the first request its rate is first judged over (then again after each buffer, until
 #: a fast rate held long enough to be trusted): a capped connection is told quickly
 JUDGED_AFTER = 512 * 1024
+#: a stream this many first requests long (or longer) is watched: when it slows below half of
+#: ``split_below`` (or of the rate a futile parallel pass was measured against) over a second,
+#: the rest goes parallel after all (a CDN's token bucket outlasted the first request's judgment)
+WATCHED_FROM = 4
 
 
 @dataclass(frozen=True)
@@ -115,12 +121,15 @@ class _Job:
         self._size_checked = False
         self.workers = START_WORKERS  # parallel workers a pass starts with (what the last used)
         self.rate: float | None = None  # the one stream's rate that sent the rest parallel
+        #: the rate below which a long stream goes parallel after all (None: not watched)
+        self.watch: float | None = None
         if options.connections == 1 or options.split_below == 0:
             self.mode = _Mode.ONE_STREAM
         elif options.split_below == float("inf"):
             self.mode = _Mode.PARALLEL
         else:
             self.mode = _Mode.PROBE
+            self.watch = options.split_below / 2
 
     def run(self) -> TransferResult:
         """Passes over the file until nothing is missing, retrying transient failures."""
@@ -186,26 +195,42 @@ class _Job:
         if probing and _min(ranges.size or 0, end) - start >= 2 * self.chunk:
             # (a rest shorter than a chunk is read on: ranges would not fetch it any sooner)
             decide = (start + min(self.chunk, JUDGED_AFTER), self.options.split_below)
+        watch = None  # how slow this stream may run before the rest goes parallel after all
+        length = _min(ranges.size or 0, end) - start
+        if stream.ranged and ranges.size is not None and length >= WATCHED_FROM * self.probe:
+            watch = self.watch
         ended, slow = stream_through(
-            self.part, stream, end, self.options.piece_size, self.budget, decide=decide
+            self.part,
+            stream,
+            end,
+            self.options.piece_size,
+            self.budget,
+            decide=decide,
+            watch=watch,
         )
+        if slow is not None:  # maybe a per-connection cap: try parallel ranges
+            assert ranges.size is not None
+            self.mode = _Mode.PARALLEL
+            self.rate = slow
+            self.watch = None  # (a stream is watched once a download)
+            # as many as reach split_below at this rate each: a capped origin gets enough
+            # at once, a link just short of split_below a small trial
+            wanted = math.ceil(self.options.split_below / max(slow, 1.0))
+            self.workers = max(2, min(self.options.connections, wanted))
+            # this stream reads on to the end of its first request's chunks (when it was
+            # judged), or of the chunk it is in (a watched stream); what an open-ended one sent
+            # past there is not read
+            floor = probe_end if decide is not None else ended
+            boundary = ended - ended % self.chunk + self.chunk
+            stop = min(max(floor, boundary), _min(ranges.size, end))
+            rest = self._chunks(stop)
+            if ended < stop:
+                self._fetch_ranges(stream, [(ended, stop), *rest])
+            else:
+                close_quietly(stream)
+                self._fetch_ranges(None, rest)
+            return True
         if decide is not None:
-            if slow is not None:  # maybe a per-connection cap: try parallel ranges
-                assert ranges.size is not None
-                self.mode = _Mode.PARALLEL
-                self.rate = slow
-                # as many as reach split_below at this rate each: a capped origin gets enough
-                # at once, a link just short of split_below a small trial
-                wanted = math.ceil(self.options.split_below / max(slow, 1.0))
-                self.workers = max(2, min(self.options.connections, wanted))
-                stop = min(probe_end, ranges.size)
-                rest = self._chunks(stop)
-                if ended < stop:  # this stream reads on to there, as the first chunk
-                    self._fetch_ranges(stream, [(ended, stop), *rest])
-                else:
-                    close_quietly(stream)
-                    self._fetch_ranges(None, rest)
-                return True
             self.mode = _Mode.ONE_STREAM  # a fast origin: the rest as one stream
         self._check_end(ended, end)
         return True
@@ -287,6 +312,8 @@ class _Job:
             self.workers = workers
         else:
             self.mode = _Mode.ONE_STREAM  # parallel ranges were no faster than one stream
+            if self.watch is not None and self.rate is not None:
+                self.watch = min(self.watch, self.rate / 2)
 
 
 def _min(value: int, limit: int | None) -> int:

@@ -25,6 +25,7 @@ _TRUSTED = 0.05  # seconds a stream must stay fast (from its first byte) to be j
 #: seconds a stream is timed over at least before its rate is judged: its first bytes come in
 #: a burst (what the origin's and the kernel's buffers held), which a shorter time overrates
 _TIMED_FOR = 0.02
+_WATCHED_OVER = 1.0  # seconds a watched stream's rate is measured over, window after window
 
 
 class _End:
@@ -43,6 +44,7 @@ def stream_through(
     budget: RetryBudget,
     *,
     decide: tuple[int, float] | None = None,
+    watch: float | None = None,
 ) -> tuple[int, float | None]:
     """Read ``stream`` to its end or to byte ``end``, hashing here while a thread reads and writes.
 
@@ -50,9 +52,11 @@ def stream_through(
     first. ``decide=(position, rate)``: once the stream passed ``position``, it stops there when
     it ran slower than ``rate`` bytes per second (judged again after each buffer until it ran
     fast for :data:`_TRUSTED` seconds, and once more as a whole when it was read to ``end``).
-    Returns where the stream ended and, when it stopped so or was slow as a whole, the rate it
-    ran at (else ``None``). The stream is then left open, at that
-    position, for the caller to read on; otherwise it is closed, whatever happens.
+    ``watch=rate``: once judged (or from the start), the stream also stops when it ran slower
+    than ``rate`` over a window of :data:`_WATCHED_OVER` seconds (a token bucket's burst ran
+    out). Returns where the stream ended and, when it stopped so or was slow as a whole, the
+    rate it ran at (else ``None``). The stream is then left open, at that position, for the
+    caller to read on; otherwise it is closed, whatever happens.
     """
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
     for _ in range(max(2, _BUFFERED // piece_size)):
@@ -61,7 +65,7 @@ def stream_through(
     stop = threading.Event()
     reader = threading.Thread(
         target=_read,
-        args=(part, stream, end, decide, free, filled, stop, budget),
+        args=(part, stream, end, decide, watch, free, filled, stop, budget),
         daemon=True,
         name="modelcache-stream",
     )
@@ -91,6 +95,7 @@ def _read(
     stream: RangeStream,
     end: int | None,
     decide: tuple[int, float] | None,
+    watch: float | None,
     free: queue.SimpleQueue[bytearray],
     filled: queue.SimpleQueue[Any],
     stop: threading.Event,
@@ -101,6 +106,7 @@ def _read(
     pieces = None if stream.readinto is not None else iter(stream.pieces)
     began = time.monotonic()  # the answer's headers are in: its body starts now
     judged = decide  # (``decide`` is dropped once the stream is trusted)
+    window = (began, position)  # where the watched window started
     try:
         while not stop.is_set() and not part.cancel.is_set():
             if end is not None and position >= end:
@@ -115,6 +121,13 @@ def _read(
                     decide = None  # fast for long enough: on to the end
                 # else: a burst (buffers, a token bucket) may have carried the first chunk:
                 # judged again after each buffer until the rate held for long enough
+            elif watch is not None and time.monotonic() - window[0] >= _WATCHED_OVER:
+                now = time.monotonic()
+                rate = (position - window[1]) / (now - window[0])
+                if decide is None and rate < watch:
+                    filled.put(_End(position, rate))  # slowed down: the caller goes on otherwise
+                    return
+                window = (now, position)
             try:
                 buffer = free.get(timeout=0.25)
             except queue.Empty:
