@@ -420,7 +420,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
         )
         capped[0]["note"] = (
             "What limits this figure: the first request's first 512 KiB come over one capped "
-            "connection and decide the rest (about 25 ms), then as many connections as reach "
+            "connection and decide the rest (about 25 ms; about 0.1 s when nginx sent that "
+            "connection's first 2 MiB at once: its rate is judged once the pause after that "
+            "burst ends, as a burst overrates it, and a capped connection then seems fast), "
+            "then as many connections as reach "
             "split_below at that rate (13 at 20 MiB/s, 12 fill the link) fetch the rest while "
             "that request is read to its end (16 MiB), and up to 16 when 0.3 s shows the total "
             "still rising; the file's last chunks go as quarter chunks so the connections finish "
