@@ -121,13 +121,14 @@ def _read(
                     decide = None  # fast for long enough: on to the end
                 # else: a burst (buffers, a token bucket) may have carried the first chunk:
                 # judged again after each buffer until the rate held for long enough
-            elif watch is not None and time.monotonic() - window[0] >= _WATCHED_OVER:
+            elif watch is not None:
                 now = time.monotonic()
-                rate = (position - window[1]) / (now - window[0])
-                if decide is None and rate < watch:
-                    filled.put(_End(position, rate))  # slowed down: the caller goes on otherwise
-                    return
-                window = (now, position)
+                if now - window[0] >= _WATCHED_OVER:  # one more window: how fast was it?
+                    rate = (position - window[1]) / (now - window[0])
+                    if decide is None and rate < watch:
+                        filled.put(_End(position, rate))  # slowed down: the caller goes on
+                        return
+                    window = (now, position)
             try:
                 buffer = free.get(timeout=0.25)
             except queue.Empty:
