@@ -271,6 +271,7 @@ def test_interrupted_fetch_resumes(
     assert "interrupted" in err
     assert "Traceback" not in err
     assert out == ""
+    assert part_frontier(home) < size  # it stopped: the download did not run on to its end
 
     model_server.set_rate("big.bin", None)
     sent_before = model_server.count("big.bin")[1]

@@ -102,19 +102,25 @@ class _Job:
         ) as pool:
             futures = {pool.submit(self._one, i): i for i in range(len(self.plan.files))}
             pending = set(futures)
-            while pending:
-                finished, pending = concurrent.futures.wait(
-                    pending, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION
-                )
-                if self.user_cancel is not None and self.user_cancel.is_set():
-                    self.stop.set()
-                for future in finished:
-                    error = future.exception()
-                    if error is None:
-                        results[futures[future]] = future.result()
-                    else:
-                        errors.append(error)
-                        self.stop.set()  # one file failed: the others stop (their parts stay)
+            try:
+                while pending:
+                    finished, pending = concurrent.futures.wait(
+                        pending, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION
+                    )
+                    if self.user_cancel is not None and self.user_cancel.is_set():
+                        self.stop.set()
+                    for future in finished:
+                        error = future.exception()
+                        if error is None:
+                            results[futures[future]] = future.result()
+                        else:
+                            errors.append(error)
+                            self.stop.set()  # one file failed: the others stop (parts stay)
+            except BaseException:
+                # Ctrl-C in this thread: the downloads stop now (their parts stay), rather than
+                # run to their end while the pool waits for them
+                self.stop.set()
+                raise
         if errors:  # the first real failure, not the cancellations it caused
             raise next((e for e in errors if not _is_cancel(e)), errors[0])
         if len(results) < len(self.plan.files):
