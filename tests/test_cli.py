@@ -252,6 +252,17 @@ def test_progress_bar_on_a_terminal_only(
     assert "\r" not in piped.stderr
 
 
+#: ``python -m modelcache`` with Ctrl-C raising KeyboardInterrupt, as in a terminal, even when
+#: the tests run where SIGINT is ignored (a background job of a script ignores it, and a Python
+#: started so keeps ignoring it)
+AS_FROM_A_TERMINAL = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from modelcache.cli import run
+run()
+"""
+
+
 def test_interrupted_fetch_resumes(
     home: Path, serve: Callable[..., tuple[str, bytes]], model_server: ModelServer
 ) -> None:
@@ -259,7 +270,7 @@ def test_interrupted_fetch_resumes(
     url, payload = serve("big.bin", size)
     model_server.set_rate("big.bin", MiB)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelcache", "fetch", url, "--cache", str(home)],
+        [sys.executable, "-c", AS_FROM_A_TERMINAL, "fetch", url, "--cache", str(home)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
