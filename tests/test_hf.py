@@ -223,9 +223,11 @@ def test_a_file_in_parallel_ranges_asks_the_hub_once_and_again_when_its_cdn_url_
     modelcache_home: Path, hub: HubStandIn
 ) -> None:
     # every chunk goes to the CDN URL the Hub redirected the first request to, not through the
-    # Hub again; when the CDN refuses that URL (its signature expired), the Hub is asked afresh
+    # Hub again, and without the token; when the CDN refuses that URL (its signature expired),
+    # the Hub is asked afresh
     data = make_payload(3 * MiB, seed=9)
-    hub.push("org/m", {"model.bin": data})
+    token = "hf_privateTokenValue123456"
+    hub.push("org/m", {"model.bin": data}, token=token)
     cdn_requests = iter(range(1_000))
     hub.fail(
         times=1, status=403, match=lambda m, p: p.startswith("/lfs/") and next(cdn_requests) == 5
@@ -233,9 +235,10 @@ def test_a_file_in_parallel_ranges_asks_the_hub_once_and_again_when_its_cdn_url_
     parallel = replace(FAST, split_below=math.inf, connections=4, chunk_size=256 * 1024)
     cache = Cache(modelcache_home, read_only_paths=[], offline=False, transfer=parallel)
 
-    got = cache.fetch("hf://org/m/model.bin", sha(data))
+    got = cache.fetch("hf://org/m/model.bin", sha(data), storage_options={"hf": {"token": token}})
 
     assert got.read_bytes() == data
+    assert hub.cdn_credentials == []  # the token goes to the Hub only, never to its CDN
     chunks = hub.count(lambda m, p: m == "GET" and p.startswith("/lfs/"))
     assert chunks >= 12  # 3 MiB in 256 KiB chunks (and the one refused)
     assert hub.count(lambda m, p: m == "GET" and "/resolve/" in p) == 2

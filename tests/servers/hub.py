@@ -93,6 +93,8 @@ class HubStandIn:
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
         """``(method, path)`` of every request to either server, in order."""
+        self.cdn_credentials: list[str] = []
+        """The ``Authorization`` headers the CDN was sent (it should never be sent one)."""
         self._hub = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, cdn=False))
         self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, cdn=True))
         self._threads = []
@@ -431,6 +433,8 @@ def _make_handler(hub: HubStandIn, cdn: bool) -> type[BaseHTTPRequestHandler]:
 
         def _cdn(self, segments: list[str], body: bool, cut: int | None) -> None:
             with hub._lock:
+                if self.headers.get("Authorization"):
+                    hub.cdn_credentials.append(self.headers["Authorization"])
                 data = hub._blobs.get(segments[-1]) if segments[0] == "lfs" else None
             if data is None:
                 self._answer(
