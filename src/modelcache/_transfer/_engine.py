@@ -190,15 +190,14 @@ class _Job:
             first = (start, min(end, ranges.size))
             self._fetch_ranges(stream, [first, *self._chunks(first[1])])
             return True
+        # what this stream will read, when the rest could go as parallel ranges instead
+        length = _min(ranges.size, end) - start if stream.ranged and ranges.size is not None else 0
         decide = None  # whether this stream's first bytes decide between it and parallel ranges
-        probing = self.mode is _Mode.PROBE and stream.ranged and ranges.size is not None
-        if probing and _min(ranges.size or 0, end) - start >= 2 * self.chunk:
+        if self.mode is _Mode.PROBE and length >= 2 * self.chunk:
             # (a rest shorter than a chunk is read on: ranges would not fetch it any sooner)
             decide = (start + min(self.chunk, JUDGED_AFTER), self.options.split_below)
-        watch = None  # how slow this stream may run before the rest goes parallel after all
-        length = _min(ranges.size or 0, end) - start
-        if stream.ranged and ranges.size is not None and length >= WATCHED_FROM * self.probe:
-            watch = self.watch
+        # how slow this stream may run before the rest goes parallel after all
+        watch = self.watch if length >= WATCHED_FROM * self.probe else None
         ended, slow = stream_through(
             self.part,
             stream,
