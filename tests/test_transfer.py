@@ -72,6 +72,14 @@ class MemoryReader(Reader):
             yield self.data[offset : min(offset + self.piece, stop)]
 
 
+def ranges_after(reader: MemoryReader, first: int) -> list[tuple[int, int]]:
+    """The requests after the ``first`` ones, in file order; each must have been a bounded
+    range (none asked for the rest of the file as one stream)."""
+    rest = [(start, end) for start, end in reader.opened[first:] if end is not None]
+    assert len(rest) == len(reader.opened) - first, "the rest was asked for as one stream"
+    return sorted(rest)
+
+
 @pytest.mark.parametrize("connections", [1, 4])
 @pytest.mark.parametrize("tell_size", [True, False])
 @pytest.mark.parametrize("ranged", [True, False])
@@ -120,8 +128,7 @@ def test_a_slow_single_stream_is_split_into_parallel_ranges(tmp_path: Path) -> N
     # the first request asks for 8 chunks and is timed over its first one; too slow, it is read
     # on to its end while each remaining chunk is asked for on its own
     assert reader.opened[0] == (0, 8 * 256 * 1024)
-    rest = sorted((start, end) for start, end in reader.opened[1:] if end is not None)
-    assert len(rest) == len(reader.opened) - 1
+    rest = ranges_after(reader, 1)
     assert tiles(rest, 2 * MiB, 4 * MiB)  # each byte asked for once
     assert max(end - start for start, end in rest) == 256 * 1024
     assert result.fetched == len(data)
@@ -189,8 +196,7 @@ def test_a_burst_that_carried_the_first_request_does_not_pass_for_a_fast_origin(
     result = download(reader, tmp_path / "x.part", options=options)
     assert result.sha256 == sha(data)
     assert reader.opened[0] == (0, 2 * MiB)
-    rest = sorted((start, end) for start, end in reader.opened[1:] if end is not None)
-    assert len(rest) == len(reader.opened) - 1  # the rest as ranges, not one stream
+    rest = ranges_after(reader, 1)
     assert tiles(rest, 2 * MiB, 6 * MiB)
 
 
@@ -208,8 +214,7 @@ def test_a_first_answer_overrated_by_its_burst_does_not_stop_parallel_ranges(
     result = download(reader, tmp_path / "x.part", options=options)
     assert result.sha256 == sha(data)
     assert reader.opened[0] == (0, 2 * MiB)
-    rest = sorted((start, end) for start, end in reader.opened[1:] if end is not None)
-    assert len(rest) == len(reader.opened) - 1  # the rest as ranges, not one stream
+    rest = ranges_after(reader, 1)
     assert tiles(rest, 2 * MiB, 4 * MiB)
     assert result.fetched == len(data)
 
@@ -225,8 +230,7 @@ def test_a_stream_that_slows_down_once_its_burst_ran_out_goes_parallel(tmp_path:
     result = download(reader, tmp_path / "x.part", options=options)
     assert result.sha256 == sha(data)
     assert reader.opened[:2] == [(0, 2 * MiB), (2 * MiB, None)]
-    rest = sorted((start, end) for start, end in reader.opened[2:] if end is not None)
-    assert len(rest) == len(reader.opened) - 2  # then ranges only
+    rest = ranges_after(reader, 2)
     cut = rest[0][0]
     assert 4 * MiB < cut < 6 * MiB  # after about a second
     assert cut % (256 * 1024) == 0
