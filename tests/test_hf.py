@@ -244,6 +244,29 @@ def test_a_file_in_parallel_ranges_asks_the_hub_once_and_again_when_its_cdn_url_
     assert hub.count(lambda m, p: m == "GET" and "/resolve/" in p) == 2
 
 
+def test_the_signed_cdn_url_the_hub_redirects_to_never_reaches_logs_or_errors(
+    modelcache_home: Path, hub: HubStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    # urllib3 logs the redirect, its retries and each request it makes, modelcache's reader
+    # requests the signed URL itself: every one of those lines carries the CDN's signature
+    caplog.set_level(logging.DEBUG)
+    data = make_payload(MiB, seed=4)
+    hub.push("org/m", {"model.bin": data, "gone.bin": b"g" * 4096})
+    hub.cut(after=1000, times=1, match=lambda m, p: p.startswith("/lfs/"))  # a retry, logged
+    parallel = replace(FAST, split_below=math.inf, connections=2, chunk_size=256 * 1024)
+    cache = Cache(modelcache_home, read_only_paths=[], offline=False, transfer=parallel)
+
+    assert cache.fetch("hf://org/m/model.bin", sha(data)).read_bytes() == data
+    hub.fail(times=100, status=500, match=lambda m, p: p.startswith("/lfs/"))
+    with pytest.raises(SourceError) as caught:
+        cache.fetch("hf://org/m/gone.bin")
+
+    assert "Redirecting" in caplog.text  # the lines were logged (masked)
+    assert "/lfs/" in caplog.text
+    for shown in (caplog.text, str(caught.value), repr(caught.value)):
+        assert "cdn-secret" not in shown
+
+
 def test_stand_in_is_faithful_to_huggingface_hub(hub: HubStandIn, tmp_path: Path) -> None:
     """huggingface_hub's own download and listing work against the stand-in."""
     from huggingface_hub import HfApi, hf_hub_download

@@ -23,6 +23,26 @@ def test_redact_masks_userinfo_and_query_values() -> None:
     assert redact("no url here") == "no url here"
 
 
+def test_an_http_error_naming_a_bare_signed_path_masks_its_query() -> None:
+    # urllib3 names a request by its path alone in some messages ("Max retries exceeded with
+    # url: /models/tiny.pt?X-Amz-Signature=..."): no scheme for redact to find
+    import urllib3
+
+    from modelcache._readers import send
+    from modelcache._retry import TransientError
+
+    class Refusing:
+        def request(self, method: str, url: str, **kwargs: object) -> None:
+            path = url.split("amazonaws.com:443", 1)[1]
+            raise urllib3.exceptions.MaxRetryError(None, path, None)  # type: ignore[arg-type]
+
+    with pytest.raises(TransientError) as caught:
+        send(Refusing(), "GET", SIGNED, headers={})
+    assert "Max retries exceeded with url: /models/tiny.pt?X-Amz-Signature=" in str(caught.value)
+    for secret in ("abcdef123456", "AKIAXYZ"):
+        assert secret not in str(caught.value)
+
+
 def test_source_shows_only_the_redacted_form() -> None:
     source = Source.parse(SIGNED)
     assert str(source) == source.redacted

@@ -74,10 +74,16 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+#: urllib3's loggers whose lines carry URLs: each request, each redirect's target (a signed CDN
+#: URL), each retry (a filter on a logger does not see its children's records)
+_URL_LOGGERS = ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry")
+
+
 def _install_log_filter() -> None:
-    logger = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(f, _RedactingFilter) for f in logger.filters):
-        logger.addFilter(_RedactingFilter())
+    for name in _URL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactingFilter) for f in logger.filters):
+            logger.addFilter(_RedactingFilter())
 
 
 def pool_for(url: str, options: TransferOptions, ca_certs: str | None = None) -> Any:
@@ -335,6 +341,11 @@ def send(
     """
     import urllib3
 
+    def shown(error: object) -> str:
+        # urllib3 names the request in some messages as a bare path: its query (a signature)
+        # is not behind a scheme that ``scrub`` would recognise
+        return scrub(str(_mask_query(str(error))))
+
     try:
         return pool.request(
             method,
@@ -345,22 +356,22 @@ def send(
             decode_content=False,
         )
     except urllib3.exceptions.SSLError as error:
-        raise FatalError(f"TLS error: {scrub(str(error))}") from None
+        raise FatalError(f"TLS error: {shown(error)}") from None
     except urllib3.exceptions.LocationValueError as error:
-        raise FatalError(f"bad URL: {scrub(str(error))}") from None
+        raise FatalError(f"bad URL: {shown(error)}") from None
     except urllib3.exceptions.MaxRetryError as error:
         reason = error.reason if error.reason is not None else error
         if isinstance(reason, urllib3.exceptions.SSLError):
-            raise FatalError(f"TLS error: {scrub(str(reason))}") from None
+            raise FatalError(f"TLS error: {shown(reason)}") from None
         if isinstance(reason, urllib3.exceptions.ResponseError) and str(reason).startswith(
             _DOWNGRADE
         ):
-            raise FatalError(scrub(str(_mask_query(str(reason))))) from None
+            raise FatalError(shown(reason)) from None
         if isinstance(reason, urllib3.exceptions.ResponseError) and str(reason) == _REDIRECT_LOOP:
             raise FatalError("too many redirects (a redirect loop?)") from None
-        raise TransientError(scrub(f"{type(reason).__name__}: {reason}")) from None
+        raise TransientError(f"{type(reason).__name__}: {shown(reason)}") from None
     except (urllib3.exceptions.HTTPError, OSError) as error:
-        raise TransientError(scrub(f"{type(error).__name__}: {error}")) from None
+        raise TransientError(f"{type(error).__name__}: {shown(error)}") from None
 
 
 def status_error(status: int, headers: Mapping[str, str]) -> TransientError | FatalError:
