@@ -10,9 +10,11 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import stat
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -611,32 +613,36 @@ def test_no_credential_or_token_in_logs_errors_or_reprs(
     assert client.scrub(f"token was {tokens.issued[-1]}") == "token was ***"
 
 
-def test_a_cross_host_redirect_drops_the_authorization(
+def test_a_cross_host_redirect_drops_the_authorization_and_takes_the_later_chunks(
     token_registry: Registry, proxy_of: ProxyOf, tmp_path: Path
 ) -> None:
-    data = make_payload(MiB, seed=10)
+    # registries on S3 or behind a CDN redirect each blob GET to a signed URL: the chunks go
+    # there directly, not through the registry (and its auth) one by one (an expired signed
+    # URL sends the reader back to the origin: test_hf checks it on the Hub's CDN)
+    data = make_payload(2 * MiB, seed=10)
     reference = _ref(token_registry, _repo())
     pusher = _client(token_registry.address, username=USER, password=PASSWORD)
     push(pusher, reference, collect_files(_model(tmp_path / "m", {"w.bin": data})))
     (layer,) = pusher.artifact(reference).layers
 
     proxy = proxy_of(token_registry)
+    parallel = replace(FAST, connections=4, chunk_size=256 * 1024, split_below=math.inf)
     with ModelServer() as storage:
         signed = storage.add(f"blobs/{layer.sha256}", token_registry.blob_file(layer.digest))
         proxy.redirect(
             lambda path: f"{signed}?X-Amz-Signature=abc",
-            times=10,
+            times=100,
             match=lambda m, p: m == "GET" and "/blobs/sha256:" in p,
         )
-        client = _client(proxy.url[7:], username=USER, password=PASSWORD)
+        client = _client(proxy.url[7:], parallel, username=USER, password=PASSWORD)
         via_proxy = _ref(proxy, reference.repository)
         assert _fetch(client, via_proxy, "w.bin", tmp_path / "w.part") == data
         seen = [headers for path, headers in storage.request_headers]
-    assert seen
+    assert len(seen) >= 8  # 2 MiB in 256 KiB chunks
     assert all("authorization" not in {k.lower() for k in h} for h in seen)
     asked = [h for (m, p), h in zip(proxy.requests, proxy.headers, strict=False) if "/blobs/" in p]
-    assert asked
-    assert all(h["Authorization"].startswith("Bearer ") for h in asked)
+    assert len(asked) == 1  # the first chunk's (the token's challenge was answered before it)
+    assert asked[0]["Authorization"].startswith("Bearer ")
 
 
 # -- interoperability with ORAS ----------------------------------------------------------------

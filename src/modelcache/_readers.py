@@ -379,7 +379,10 @@ def status_error(status: int, headers: Mapping[str, str]) -> TransientError | Fa
     if retryable_status(status):
         return TransientError(f"HTTP {status}", parse_retry_after(headers.get("Retry-After")))
     if status in (401, 403):
-        return FatalError(f"refused (HTTP {status}): check the credentials", status)
+        challenge = headers.get("WWW-Authenticate")
+        return FatalError(
+            f"refused (HTTP {status}): check the credentials", status, challenge=challenge
+        )
     if status in (404, 410):
         return FatalError(f"not found (HTTP {status})", status)
     return FatalError(f"unexpected HTTP {status}", status)

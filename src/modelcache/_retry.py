@@ -92,12 +92,16 @@ class TransientError(Exception):
 class FatalError(Exception):
     """A failure that retrying cannot fix (401, 403, 404, a bad URL, retries spent, ...).
 
-    ``status``: the HTTP status behind it, if any.
+    ``status``: the HTTP status behind it, if any; ``challenge``: a 401's ``WWW-Authenticate``
+    (how to get a token), which travels with the error as other responses come in meanwhile.
     """
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(
+        self, reason: str, status: int | None = None, *, challenge: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
+        self.challenge = challenge
 
 
 class Cancelled(FatalError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,24 +422,31 @@ class BlobReader(Reader):
         self._url = client._url(repository, "blobs", layer.digest)
         #: the sha256 the bytes must have (checked by whoever runs the transfer)
         self.declared_sha256 = layer.sha256
+        #: the HTTP reader the workers share, and the Authorization it sends: it keeps where
+        #: the registry redirected the blob (blob storage's signed URL) for the later chunks
+        self._http: tuple[str | None, HTTPReader] | None = None
+        self._lock = threading.Lock()
+
+    def _reader(self, sent: str | None) -> HTTPReader:
+        """The shared reader, made again when the Authorization changed (a new token)."""
+        with self._lock:
+            if self._http is None or self._http[0] != sent:
+                headers = {"Authorization": sent} if sent is not None else {}
+                source = Source(self._url, {"headers": headers})
+                reader = HTTPReader(source, self._transfer, ca_certs=self._client.options.ca_file)
+                self._http = (sent, reader)
+            return self._http[1]
 
     def open(self, start: int, end: int | None, etag: str | None) -> RangeStream:
         client = self._client
         scope = pull_scope(self._repository)
         for attempt in range(2):
             sent = client._auth.header(scope)
-            headers = {"Authorization": sent} if sent is not None else {}
-            reader = HTTPReader(
-                Source(self._url, {"headers": headers}),
-                self._transfer,
-                ca_certs=client.options.ca_file,
-            )
             try:
-                stream = reader.open(start, end, etag)
+                stream = self._reader(sent).open(start, end, etag)
             except FatalError as error:
                 if error.status == 401 and attempt == 0:
-                    challenge = reader.last_headers.get("WWW-Authenticate")
-                    if client._auth.answer(challenge, scope, sent):
+                    if client._auth.answer(error.challenge, scope, sent):
                         continue
                     raise FatalError(client._auth.refusal(), 401) from None
                 raise type(error)(
