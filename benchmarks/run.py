@@ -350,8 +350,12 @@ def report(
     info: dict[str, str],
     output: Path,
     seconds: float,
+    commit: str,
 ) -> str:
-    """The markdown of ``docs/benchmarks.md``; plots are written beside it under ``img/``."""
+    """The markdown of ``docs/benchmarks.md``; plots are written beside it under ``img/``.
+
+    ``commit``: the tree measured, described when the run began (this replaces the plots,
+    which are tracked files: described now, the tree would look changed)."""
     img_dir = output.parent / "img" / "benchmarks"
     if img_dir.exists():
         for old in img_dir.glob("*.png"):
@@ -372,7 +376,7 @@ def report(
         "minimum and maximum. Claims are ratios of medians measured in the same run. Each "
         "figure states its goal (from the project's issues) and whether this run met it.",
         "",
-        f"Run: {when}, commit {_git_commit()}, {seconds:.0f} s{' (quick mode)' if quick else ''}.",
+        f"Run: {when}, commit {commit}, {seconds:.0f} s{' (quick mode)' if quick else ''}.",
         "",
     ]
     summary: list[tuple[str, str, str, Any]] = []
@@ -474,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n.strip() for n in args.only.split(",")] if args.only else list(MODULES)
     timeout = args.timeout or (300.0 if args.quick else 3600.0)
     began = time.perf_counter()
+    commit = _git_commit()
     info = machine()
     info["load average at the start (1, 5, 15 min)"] = _load_average()
     results: list[ModuleResult] = []
@@ -489,7 +494,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["load average at the end (1, 5, 15 min)"] = _load_average()
     output.parent.mkdir(parents=True, exist_ok=True)
     text = report(
-        results, quick=args.quick, info=info, output=output, seconds=time.perf_counter() - began
+        results,
+        quick=args.quick,
+        info=info,
+        output=output,
+        seconds=time.perf_counter() - began,
+        commit=commit,
     )
     output.write_text(text)
     (output.parent / (output.stem + ".json")).write_text(
