@@ -420,13 +420,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
         )
         capped[0]["note"] = (
             "What limits this figure: the first request's first 512 KiB come over one capped "
-            "connection and decide the rest (about 25 ms; about 0.1 s when nginx sent that "
-            "connection's first 2 MiB at once: its rate is judged once the pause after that "
-            "burst ends, as a burst overrates it, and a capped connection then seems fast), "
-            "then as many connections as reach "
-            "split_below at that rate (13 at 20 MiB/s, 12 fill the link) fetch the rest while "
-            "that request is read to its end (16 MiB), and up to 16 when 0.3 s shows the total "
-            "still rising; the file's last chunks go as quarter chunks so the connections finish "
+            "connection and decide the rest (about 25 ms, as nginx sends that connection's "
+            "first 2 MiB at once and then pauses: the judgment falls due inside the pause, "
+            "and is made 10 ms into it), then 8 connections fetch the rest, 16 once 0.3 s "
+            "shows the total still rising (when the first request was judged by its rate "
+            "instead: as many as reach split_below at that rate, 13 at 20 MiB/s; 12 fill the "
+            "link); the file's last chunks go as quarter chunks so the connections finish "
             "close together. TCP's payload is 0.956x of the tbf rate (1448 bytes in a 1514-byte "
             "frame): the goal leaves about 0.6% of the fetch for all of that."
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, MiB, make_payload, sha, tiles
+from servers.hostile import HostileServer, Request, ranged
 
 from modelcache import Cache, SourceError, TransferOptions
 from modelcache._readers import HTTPReader
@@ -236,6 +237,37 @@ def test_a_stream_that_slows_down_once_its_burst_ran_out_goes_parallel(tmp_path:
     assert cut % (256 * 1024) == 0
     assert tiles(rest, cut, 12 * MiB)
     assert result.fetched == len(data)
+
+
+def test_a_first_answer_that_pauses_after_its_burst_is_judged_without_waiting(
+    tmp_path: Path,
+) -> None:
+    # nginx's limit_rate sends a new answer's first bytes at once, then nothing until the rate
+    # is paid back. The reading thread, blocked in that pause, cannot judge the stream; the
+    # hasher sees the judgment is due and the stream slow whatever comes: it closes the
+    # first answer and the rest goes parallel at once (here the pause lasts 3 s)
+    data = make_payload(4 * MiB)
+    pause = threading.Event()
+
+    def pausing(request: Request) -> None:
+        start, end = ranged(request, len(data)) or (0, len(data))
+        headers = {"Content-Length": str(end - start), "ETag": '"p"'}
+        request.head(206, headers | {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
+        sent = start + (MiB if request.number == 0 else end - start)
+        if request.write(data[start:sent]) and request.number == 0:
+            pause.wait(3.0)  # (set when the test ends: the server stops at once)
+            request.write(data[sent:end])
+
+    options = replace(FAST, connections=4, chunk_size=256 * 1024, split_below=64 * MiB)
+    with HostileServer() as server:
+        url = server.route("/m.bin", pausing)
+        began = time.monotonic()
+        result = download(HTTPReader(Source.parse(url), options), tmp_path / "x", options=options)
+        took = time.monotonic() - began
+        pause.set()
+    assert result.sha256 == sha(data)
+    assert took < 1.5  # not the 3 s pause
+    assert result.fetched == len(data)  # (nothing came after the burst on that connection)
 
 
 class SharedLinkReader(MemoryReader):

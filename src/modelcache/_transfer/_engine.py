@@ -2,7 +2,8 @@
 
 A download starts with one request for its first few chunks (:data:`PROBE_CHUNKS`), read by one
 stream (:mod:`._stream`). Its rate over the first :data:`JUDGED_AFTER` bytes decides the rest
-(judged again until a fast rate held long enough to be trusted). At least
+(judged again until a fast rate held long enough to be trusted; judged while a read still
+waits when the origin paused after a burst, and then closed). At least
 ``TransferOptions.split_below``: it is read to its end, and the rest of the file is asked for
 with one more request and read as one stream. Slower (origins and CDNs that cap each
 connection, or a link slower than that): the first request is read on to its end while
@@ -13,7 +14,8 @@ not a cap, and the rest is read as one stream after all. A long stream is watche
 end of the chunk it is in and the rest goes parallel after all, once per download. Every other
 request is bounded or read to its end, so no byte leaves the origin twice; but for readers that
 ask for the whole rest with the first request (``Reader.first_request_to_end``: S3, where a GET
-costs more than the few bytes a capped connection has in flight when it is cut there).
+costs more than the few bytes a capped connection has in flight when it is cut there), a
+watched stream cut, and a first request closed during a pause.
 
 Every byte written is recorded in the range map beside the part file (:mod:`._resume`), so a
 download killed at any point resumes with only the missing ranges: each pass over the file asks
@@ -198,7 +200,7 @@ class _Job:
             decide = (start + min(self.chunk, JUDGED_AFTER), self.options.split_below)
         # how slow this stream may run before the rest goes parallel after all
         watch = self.watch if length >= WATCHED_FROM * self.probe else None
-        ended, slow = stream_through(
+        streamed = stream_through(
             self.part,
             stream,
             end,
@@ -207,27 +209,32 @@ class _Job:
             decide=decide,
             watch=watch,
         )
-        if slow is not None:  # maybe a per-connection cap: try parallel ranges
+        ended = streamed.position
+        if streamed.slow is not None:  # maybe a per-connection cap: try parallel ranges
             assert ranges.size is not None
             self.mode = _Mode.PARALLEL
-            self.rate = slow
             self.watch = None  # (a stream is watched once a download)
-            # as many as reach split_below at this rate each: a capped origin gets enough
-            # at once, a link just short of split_below a small trial
-            wanted = math.ceil(self.options.split_below / max(slow, 1.0))
-            self.workers = max(2, min(self.options.connections, wanted))
+            if streamed.stalled:  # its rate is only a bound: the workers measure their own
+                self.rate, self.workers = None, START_WORKERS
+            else:
+                self.rate = streamed.slow
+                # as many as reach split_below at this rate each: a capped origin gets enough
+                # at once, a link just short of split_below a small trial
+                wanted = math.ceil(self.options.split_below / max(streamed.slow, 1.0))
+                self.workers = max(2, min(self.options.connections, wanted))
             # this stream reads on to the end of its first request's chunks (when it was
-            # judged), or of the chunk it is in (a watched stream); what an open-ended one sent
-            # past there is not read
-            floor = probe_end if decide is not None else ended
+            # judged by its reading thread), or of the chunk it is in (a watched stream, or a
+            # stalled one, closed: a worker asks for that chunk's rest); what an open-ended
+            # one sent past there is not read
+            floor = probe_end if decide is not None and not streamed.stalled else ended
             boundary = ended - ended % self.chunk + self.chunk
             stop = min(max(floor, boundary), _min(ranges.size, end))
             rest = self._chunks(stop)
-            if ended < stop:
+            if ended < stop and not streamed.stalled:
                 self._fetch_ranges(stream, [(ended, stop), *rest])
             else:
-                close_quietly(stream)
-                self._fetch_ranges(None, rest)
+                close_quietly(stream)  # (a stalled one is closed already)
+                self._fetch_ranges(None, [(ended, stop), *rest] if ended < stop else rest)
             return True
         if decide is not None:
             self.mode = _Mode.ONE_STREAM  # a fast origin: the rest as one stream

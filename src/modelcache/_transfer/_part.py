@@ -91,14 +91,25 @@ class Part:
             self.progress(self.ranges.done, self.ranges.size)
 
 
-def handed_over(get: Callable[[float], Any], cancel: threading.Event) -> Any:
-    """The next item a writer thread hands to the hasher; raises the errors it hands over."""
+def handed_over(
+    get: Callable[[float], Any],
+    cancel: threading.Event,
+    *,
+    every: float = 0.25,
+    idle: Callable[[], None] | None = None,
+) -> Any:
+    """The next item a writer thread hands to the hasher; raises the errors it hands over.
+
+    ``idle`` is called each time nothing came for ``every`` seconds.
+    """
     while True:
         try:
-            item = get(0.25)
+            item = get(every)
         except queue.Empty:
             if cancel.is_set():
                 raise Cancelled from None
+            if idle is not None:
+                idle()
             continue
         if isinstance(item, BaseException):
             raise item
