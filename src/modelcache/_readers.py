@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import logging
 import re
+import select
 import socket
 import threading
 import urllib.parse
@@ -261,6 +262,7 @@ class HTTPReader(Reader):
                 True,
                 close=lambda: discard(response),
                 readinto=self._readinto(response),
+                silent=lambda: _silent(response),
             )
         if status == 200:
             length = response.headers.get("Content-Length")
@@ -275,6 +277,7 @@ class HTTPReader(Reader):
                 accepts and not asked_range and size is not None,
                 close=lambda: discard(response),
                 readinto=self._readinto(response),
+                silent=lambda: _silent(response),
             )
         if status == 416:
             match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
@@ -400,6 +403,19 @@ def discard(response: Any) -> None:
             response.close()
     finally:
         response.release_conn()
+
+
+def _silent(response: Any) -> bool:
+    """Whether no byte of ``response`` waits on its connection (the origin paused)."""
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is None:
+        return False
+    try:
+        if getattr(sock, "pending", lambda: 0)():  # (TLS: bytes decrypted, not yet read)
+            return False
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):  # (closed meanwhile)
+        return False
 
 
 def _shut_down(response: Any) -> None:

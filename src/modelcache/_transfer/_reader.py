@@ -23,6 +23,8 @@ class RangeStream:
         close: release the response (whether or not the body was read).
         readinto: reads the next bytes of the body into a buffer and returns how many (0 at
             the end), for readers that can skip a copy; the engine then uses it, not ``pieces``.
+        silent: whether the origin has sent nothing more yet (no byte waits on the connection),
+            for readers that can tell; ``close`` must then end a read that waits.
     """
 
     pieces: Iterator[bytes]
@@ -32,6 +34,7 @@ class RangeStream:
     ranged: bool
     close: Callable[[], None] = field(default=lambda: None)
     readinto: Callable[[memoryview], int] | None = None
+    silent: Callable[[], bool] | None = None
 
 
 class Reader(ABC):

@@ -71,14 +71,14 @@ def stream_through(
     first. ``decide=(position, rate)``: once the stream passed ``position``, it stops there when
     it ran slower than ``rate`` bytes per second (judged again after each buffer until it ran
     fast for :data:`_TRUSTED` seconds, and once more as a whole when it was read to ``end``).
-    When that judgment is due but a read waits (:data:`_SILENT`), and the stream is slow
-    whatever that read brings, it is judged at once and closed (``stalled``; streams that
-    ``readinto``: closing them ends the read). ``watch=rate``: once judged (or from the start),
-    the stream also stops when it ran slower than ``rate`` over a window of
-    :data:`_WATCHED_OVER` seconds (a token bucket's burst ran out). Returns where the stream
-    ended and, when it stopped so or was slow as a whole, the rate it ran at. The stream is
-    then left open, at that position, for the caller to read on (unless stalled); otherwise it
-    is closed, whatever happens.
+    When that judgment is due but a read waits (:data:`_SILENT`) on a connection the origin
+    sent nothing more on, and the stream is slow whatever that read brings, it is judged at
+    once and closed (``stalled``; streams that tell ``silent``: closing them ends the read).
+    ``watch=rate``: once judged (or from the start), the stream also stops when it ran slower
+    than ``rate`` over a window of :data:`_WATCHED_OVER` seconds (a token bucket's burst ran
+    out). Returns where the stream ended and, when it stopped so or was slow as a whole, the
+    rate it ran at. The stream is then left open, at that position, for the caller to read on
+    (unless stalled); otherwise it is closed, whatever happens.
     """
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
     for _ in range(max(2, _BUFFERED // piece_size)):
@@ -94,21 +94,24 @@ def stream_through(
         name="modelcache-stream",
     )
     reader.start()
-    listening = decide is not None and stream.readinto is not None
+    listening = decide is not None and stream.silent is not None
     stalled = False
 
     def judge_silence() -> None:
         """Judge the stream here when its judgment is due and a read waits."""
         nonlocal stalled
-        if decide is None or stalled or not reading.judging or reading.waiting is None:
+        waiting = reading.waiting
+        if decide is None or stream.silent is None or stalled or waiting is None:
             return
         now = time.monotonic()
         took, got = now - began, reading.position - stream.start
         if (
-            reading.position >= decide[0]
+            reading.judging
+            and reading.position >= decide[0]
             and took >= _TIMED_FOR
-            and now - reading.waiting >= _SILENT
+            and now - waiting >= _SILENT
             and (got + piece_size) / took < decide[1]  # (slow whatever that read brings)
+            and stream.silent()  # (the origin paused: not this process, short of CPU)
         ):
             stalled = True
             stop.set()
