@@ -405,9 +405,14 @@ def discard(response: Any) -> None:
         response.release_conn()
 
 
+def _socket(response: Any) -> Any:
+    """The socket a urllib3 response is read from, while it holds its connection."""
+    return getattr(getattr(response, "connection", None), "sock", None)
+
+
 def _silent(response: Any) -> bool:
     """Whether no byte of ``response`` waits on its connection (the origin paused)."""
-    sock = getattr(getattr(response, "connection", None), "sock", None)
+    sock = _socket(response)
     if sock is None:
         return False
     try:
@@ -419,8 +424,7 @@ def _silent(response: Any) -> bool:
 
 
 def _shut_down(response: Any) -> None:
-    connection = getattr(response, "connection", None)
-    sock = getattr(connection, "sock", None)
+    sock = _socket(response)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
