@@ -114,6 +114,12 @@ def _row(
     return row(figure, name, [s["s"] for s in samples], unit="s", title=title, **counts, **extra)
 
 
+def _beyond(worst: float, once: int, size: int) -> dict[str, Any]:
+    """The worst round's bytes past the goal (``once`` copies of the file), in KiB: how far a
+    round that missed it was, which the median in bytes (x file) does not show."""
+    return {"worst round past the goal (KiB)": round(max(0.0, worst - once) * size / 1024)}
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     """The race and the replicas figures; fewer processes, small files and one round if quick."""
     from modelcache.testing import ModelServer
@@ -146,7 +152,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
             extra: dict[str, Any] = {}
             if contender == MODELCACHE:
                 worst = max(s["bytes"] for s in samples) / size
-                extra = {"goal": goal + " (issue 2)", "met": worst <= 1.0}
+                extra = {
+                    "goal": goal + " (issue 2)",
+                    "met": worst <= 1.0,
+                    **_beyond(worst, 1, size),
+                }
             rows.append(_row("race", title, contender, samples, size, **extra))
 
         n = hosts * per_host
@@ -167,6 +177,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                         "goal": f"cold: the file leaves the origin once per shared cache "
                         f"({hosts}x for {hosts} hosts; issue 8)",
                         "met": worst <= hosts,
+                        **_beyond(worst, hosts, size),
                     }
                 if contender == MODELCACHE and phase == 1:
                     extra = {
