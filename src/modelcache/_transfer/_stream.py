@@ -139,7 +139,7 @@ def stream_through(
             free.put(buffer)
     finally:
         stop.set()
-        if stalled or not (isinstance(item, StreamEnd) and item.slow is not None):
+        if not (isinstance(item, StreamEnd) and item.slow is not None):
             close_quietly(stream)  # (which also ends a read that waits on a silent origin)
         reader.join()  # (a slow stream's reader has returned: it left the stream as it was)
     if part.cancel.is_set():
