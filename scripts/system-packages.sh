@@ -2,14 +2,14 @@
 # Install the Debian packages a step needs, only those whose command is missing.
 #   bash scripts/system-packages.sh tests   # chromium (test_page_chromium), docker-registry (test_oci),
 #                                           # iproute2's ip (test_replicas: network namespaces)
-#   bash scripts/system-packages.sh bench   # nginx (sendfile origin) and curl: benchmarks/
+#   bash scripts/system-packages.sh bench   # nginx (sendfile origin), curl and aria2c: benchmarks/
 # As root it runs apt-get, else sudo apt-get; without either it stops and names the packages,
 # so a missing tool fails here, loudly, and never turns into a skipped test.
 set -euo pipefail
 
 case "${1:-}" in
   tests) wanted=("chromium:chromium" "docker-registry:docker-registry" "ip:iproute2") ;;
-  bench) wanted=("nginx:nginx-light" "curl:curl") ;;
+  bench) wanted=("nginx:nginx-light" "curl:curl" "aria2c:aria2") ;;
   *)
     echo "usage: $0 tests|bench" >&2
     exit 2
