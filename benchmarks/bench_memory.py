@@ -16,8 +16,9 @@ processes, contenders side by side, rounds alternating:
 - **time to READY**: process start to READY of a warm-cache ``ModelHandle.get()`` (default
   loader, offline: no network) against the bare ``torch.load(mmap=True)`` (``.pt``) and
   ``safetensors.torch.load_file`` (``.safetensors``) of the same cached file. Both are mostly
-  ``import torch``; on a shared machine the rounds scatter by tens of percent, so the fastest
-  rounds are compared too, and modelcache's own time (its import, the cache lookup and the
+  ``import torch``; on a shared machine the rounds scatter by tens of percent, so the goal is
+  judged on the median of the per-round ratios (each round's two ran back to back), the
+  fastest rounds are compared too, and modelcache's own time (its import, the cache lookup and the
   worker thread, measured once torch is imported) is reported beside them.
 
 ``python benchmarks/bench_memory.py [--quick]`` prints the rows as JSON lines; ``run(quick)``
@@ -354,16 +355,21 @@ def time_to_ready(setup: dict[str, Any], files: dict[str, dict[str, Any]], round
         baseline = statistics.median(ready["bare"])
         for how, label in (("modelcache", "ModelHandle.get(), warm cache"), ("bare", bare_name)):
             median = statistics.median(ready[how])
+            # each round's pair ran back to back: their ratio cancels the machine's slow drift
+            paired = statistics.median(
+                ratio(a, b) for a, b in zip(ready[how], ready["bare"], strict=True)
+            )
             extra: dict[str, Any] = {
                 "x bare": ratio(median, baseline),
+                "x bare, per round": paired,
                 "x bare (fastest rounds)": ratio(min(ready[how]), min(ready["bare"])),
             }
             if how == "modelcache":
                 extra |= {
                     "modelcache's own time (ms)": 1000
                     * statistics.median(r["own_s"] for r in results["own"]),
-                    "goal": f"<= {READY_GOAL}x the bare load",
-                    "met": ratio(median, baseline) <= READY_GOAL,
+                    "goal": f"<= {READY_GOAL}x the bare load (median of the per-round ratios)",
+                    "met": paired <= READY_GOAL,
                 }
             rows.append(
                 row(
