@@ -30,7 +30,16 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_link import CPU, CURL, FETCH_IMPORTS, MODELCACHE, _child, link, why_not  # noqa: E402
+from bench_link import (  # noqa: E402
+    CPU,
+    CURL,
+    CURL_FILE,
+    FETCH_IMPORTS,
+    MODELCACHE,
+    _child,
+    link,
+    why_not,
+)
 from bench_load import write_weights  # noqa: E402
 from common import MiB, alternate, nginx, ratio, row, summarize  # noqa: E402
 
@@ -89,7 +98,6 @@ shutil.rmtree(home, ignore_errors=True)
 
 OURS = "ModelHandle get() to READY"
 FETCH = "modelcache Cache.fetch alone"
-CURL_NAME = "curl -o FILE (verifies nothing)"
 PHASES = {
     "last_byte": "start to the last byte",
     "digest": "last byte to the digest checked",
@@ -104,7 +112,7 @@ def contenders(
 ) -> dict[str, Callable[[], dict[str, Any]]]:
     """The fetch alone (curl, modelcache) and the handle's cold start, each a fresh child."""
     return {
-        CURL_NAME: lambda: _child(client, CURL, url, str(work / "curl.bin")),
+        CURL_FILE: lambda: _child(client, CURL, url, str(work / "curl.bin")),
         FETCH: lambda: _child(client, MODELCACHE, url, digest, str(work / "mc"), "0", str(HERE)),
         OURS: lambda: _child(client, HANDLE, url, digest, str(work / "handle")),
     }
@@ -126,7 +134,7 @@ def rows_for(
                 [ratio(a, b) for a, b in zip(values, seconds[FETCH], strict=True)]
             ).median,
             "vs curl, per round": summarize(
-                [ratio(a, b) for a, b in zip(values, seconds[CURL_NAME], strict=True)]
+                [ratio(a, b) for a, b in zip(values, seconds[CURL_FILE], strict=True)]
             ).median,
         }
         if name == OURS:

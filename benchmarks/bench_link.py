@@ -182,6 +182,10 @@ os.unlink(target)
 )
 PARALLEL = 16  # the parallel peers' connections (modelcache's default at most)
 CHUNK = 2 * MiB  # curl --parallel's ranges (modelcache's default chunk)
+CURL_FILE = "curl -o FILE (verifies nothing)"
+PARALLEL_PEER = (
+    f"curl --parallel, {PARALLEL} x {CHUNK // MiB} MiB ranges to /dev/null (verifies nothing)"
+)
 
 
 class ThreadSampler:
@@ -303,9 +307,7 @@ def contenders(
         "modelcache (sha256 included)": lambda: _child(
             client, MODELCACHE, url, digest, str(work / "mc"), "1" if sample else "0", str(HERE)
         ),
-        "curl -o FILE (verifies nothing)": lambda: _child(
-            client, CURL, url, str(work / "curl.bin")
-        ),
+        CURL_FILE: lambda: _child(client, CURL, url, str(work / "curl.bin")),
     }
     if not curl_only:
         out["curl -o /dev/null (nothing written)"] = lambda: _child(client, CURL, url, os.devnull)
@@ -331,11 +333,6 @@ def parallel_peers(
     return out
 
 
-PARALLEL_PEER = (
-    f"curl --parallel, {PARALLEL} x {CHUNK // MiB} MiB ranges to /dev/null (verifies nothing)"
-)
-
-
 def _rows(
     figure: str,
     title: str,
@@ -344,9 +341,10 @@ def _rows(
     link_mib_s: float,
     goal: str,
     suffix: str = "",
-    against: str = "curl -o FILE (verifies nothing)",
+    against: tuple[str, str] = (CURL_FILE, "curl -o FILE"),
 ) -> list[dict[str, Any]]:
-    """One row per contender; ``against``: the contender each round's speed is compared with."""
+    """One row per contender; ``against``: the contender each round's speed is compared with,
+    and its name in the column's title."""
     speed = {name: [size / MiB / m["s"] for m in ms] for name, ms in measured.items()}
     cpu = {name: [m["cpu"] / (size / 1024 / MiB) for m in ms] for name, ms in measured.items()}
     ours = "modelcache (sha256 included)"
@@ -354,8 +352,8 @@ def _rows(
     for name, values in speed.items():
         extra: dict[str, Any] = {
             "of the link": ratio(summarize(values).median, link_mib_s),
-            f"vs {against.split(' (')[0].split(',')[0]}, per round": summarize(
-                [ratio(a, b) for a, b in zip(values, speed[against], strict=True)]
+            f"vs {against[1]}, per round": summarize(
+                [ratio(a, b) for a, b in zip(values, speed[against[0]], strict=True)]
             ).median,
             "client CPU s/GiB": summarize(cpu[name]).median,
         }
@@ -490,7 +488,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             plan["capped_size"],
             _link_mib_s(2),
             f">= {GOAL_OF_LINK}x the link when connections are capped (issue 16)",
-            against=PARALLEL_PEER,
+            against=(PARALLEL_PEER, "curl --parallel"),
         )
         capped[0]["note"] = (
             "What limits this figure: the link, and how TCP flows share it when nginx paces "
