@@ -28,10 +28,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import MiB, alternate, python, ratio, row, run_process
+from common import MiB, alternate, python, ratio, row, run_process, with_limits
 
 GOAL = 0.5
 """An int8 warm start's peak RSS at most this fraction of the float start's (issue 6)."""
+LIMITS = {
+    "int8-memory": "a first start loads the float weights and quantizes them (torchao), so both "
+    "exist for a moment; a warm start maps the cached int8 weights and never loads the float "
+    "ones.",
+    "int8-ready": "import torch, and on a first start the quantization (torchao, on the CPU); a "
+    "warm start maps the cached int8 weights.",
+}
 
 CHILD = r"""
 import json, sys, time
@@ -219,7 +226,7 @@ def _rows(
                 },
             )
         )
-    return rows
+    return with_limits(rows, LIMITS)
 
 
 def _median(values: list[float]) -> float:

@@ -44,7 +44,17 @@ for _path in (HERE, HERE.parent / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import MiB, alternate, nginx, ratio, row, sha256_speed, summarize  # noqa: E402
+from common import (  # noqa: E402
+    SHA256_LIMITS,
+    MiB,
+    alternate,
+    nginx,
+    ratio,
+    row,
+    sha256_speed,
+    summarize,
+    with_limits,
+)
 from servers import netns  # noqa: E402
 
 FULL = {"size": 1024 * MiB, "rounds": 5, "capped_size": 512 * MiB}
@@ -52,6 +62,25 @@ QUICK = {"size": 32 * MiB, "rounds": 1, "capped_size": 16 * MiB}
 LINKS_GBIT = (2, 8)
 CAP = 20 * MiB  # bytes/s per connection when capped
 GOAL_OF_LINK = 0.95
+LIMITS = {
+    "link-capped": (
+        "the link, and how TCP flows share it when nginx paces "
+        "each one. One connection gets 20 MiB/s, so the file goes as parallel ranges, as "
+        "for every peer here: the first request's first 512 KiB decide that (about 35 ms: "
+        "nginx sends a new answer's first MiB or two at once, then pauses, and the "
+        "judgment falls due in the pause), then 8 connections fetch 2 MiB chunks, 16 once "
+        "0.3 s shows the total still rising; the last chunks go as quarter chunks so the "
+        "connections finish together. TCP's payload is 0.956x of the tbf rate at 2 Gbit/s "
+        "(1448 bytes in a 1514-byte frame; curl -o FILE's figure on the uncapped link). "
+        "Paced flows leave the link idle now and then (5 ms gaps every 50-150 ms, in a "
+        "timeline of the client's received bytes), which costs every client: curl "
+        "--parallel, receiving into /dev/null in C, gets no more than modelcache."
+    ),
+    "link-threads": "the 2 cores: the thread that hashes (modelcache-file_0, where the fetch "
+    "runs) and the one that receives and writes (modelcache-stream) each run most of the "
+    "fetch, and nginx, tbf and the veth's softirq need the rest.",
+    "link-sha256": SHA256_LIMITS,
+}
 
 # -- the namespaces (tests/servers/netns.py, shared with tests/test_replicas.py) -------------
 
@@ -438,7 +467,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     if problem is not None:
         print(f"  bench_link: skipped: {problem}", file=sys.stderr, flush=True)
         ceiling["note"] = f"The link figures were not measured here: {problem}."
-        return [ceiling]
+        return with_limits([ceiling], LIMITS)
     plan = QUICK if quick else FULL
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-link-", dir=os.environ.get("BENCH_TMP")) as d:
@@ -490,19 +519,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
             f">= {GOAL_OF_LINK}x the link when connections are capped (issue 16)",
             against=(PARALLEL_PEER, "curl --parallel"),
         )
-        capped[0]["note"] = (
-            "What limits this figure: the link, and how TCP flows share it when nginx paces "
-            "each one. One connection gets 20 MiB/s, so the file goes as parallel ranges, as "
-            "for every peer here: the first request's first 512 KiB decide that (about 35 ms: "
-            "nginx sends a new answer's first MiB or two at once, then pauses, and the "
-            "judgment falls due in the pause), then 8 connections fetch 2 MiB chunks, 16 once "
-            "0.3 s shows the total still rising; the last chunks go as quarter chunks so the "
-            "connections finish together. TCP's payload is 0.956x of the tbf rate at 2 Gbit/s "
-            "(1448 bytes in a 1514-byte frame; curl -o FILE's figure on the uncapped link). "
-            "Paced flows leave the link idle now and then (5 ms gaps every 50-150 ms, in a "
-            "timeline of the client's received bytes), which costs every client: curl "
-            "--parallel, receiving into /dev/null in C, gets no more than modelcache."
-        )
         rows += capped
     rows += where_the_time_goes(threads)
     rows[0]["note"] = (
@@ -518,7 +534,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         "goes below: the hashing thread is busy most of the fetch."
     )
     rows.append(ceiling)
-    return rows
+    return with_limits(rows, LIMITS)
 
 
 if __name__ == "__main__":

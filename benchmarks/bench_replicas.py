@@ -21,7 +21,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import MiB, python, row, sha256_file, spawn, summarize, write_checkpoint
+from common import (
+    MiB,
+    python,
+    row,
+    sha256_file,
+    spawn,
+    summarize,
+    with_limits,
+    write_checkpoint,
+)
+
+LIMITS = {
+    "race": "the one download on 127.0.0.1: one process fetches while the others wait on the "
+    "entry's lock, then find the entry published.",
+    "replicas": "16 processes importing torch and loading on 2 cores; cold and warm differ by "
+    "the downloads only, one per host.",
+}
 
 MODELCACHE_REPLICA = """
 import sys
@@ -196,7 +212,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                     "torch.hub has no lock: every replica whose file is not there yet downloads "
                     "the whole file."
                 )
-    return rows
+    return with_limits(rows, LIMITS)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,23 @@ def row(
     }
 
 
+def with_limits(rows: list[dict[str, Any]], limits: dict[str, str]) -> list[dict[str, Any]]:
+    """Put each figure's "what limits this figure" line (``limits[figure]``) on its first row,
+    for the report to print under the figure's table."""
+    for figure, text in limits.items():
+        first = next((r for r in rows if r.get("figure") == figure), None)
+        if first is not None:
+            first["limits"] = text
+    return rows
+
+
+#: what limits SHA-256's own speed, under each table of it
+SHA256_LIMITS = (
+    "one core: hashlib's SHA-256 (OpenSSL) cannot split one file's hash between cores, so "
+    "this is the ceiling of any client that verifies a file as it arrives."
+)
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Seconds ``fn()`` took (monotonic clock)."""
     began = time.perf_counter()

@@ -57,6 +57,7 @@ META_KEYS = {
     "met",
     "better",
     "note",
+    "limits",
     "unit",
     "low",
     "high",
@@ -418,6 +419,8 @@ def report(
             notes = [str(r["note"]) for r in rows if r.get("note")]
             for note in dict.fromkeys(notes):
                 body += [f"> {note}", ""]
+            for limits in dict.fromkeys(str(r["limits"]) for r in rows if r.get("limits")):
+                body += [f"> **What limits this figure:** {limits}", ""]
         body.append(f"*`{result.name}` took {result.seconds:.0f} s.*")
         body.append("")
     if summary:

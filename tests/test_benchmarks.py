@@ -70,6 +70,7 @@ def test_quick_run_writes_every_table_and_plot(tmp_path: Path) -> None:
         assert column in header
         assert "median (" in header
         assert re.search(r"^\| \*\*[^|]*modelcache", section, re.M), section
+        assert "**What limits this figure:**" in section, section
         image = output.parent / "img" / "benchmarks" / f"{anchor}.png"
         assert f"](img/benchmarks/{anchor}.png)" in section
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
