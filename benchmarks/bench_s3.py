@@ -296,29 +296,14 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return with_limits(rows, LIMITS)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as markdown tables, one per figure."""
-    try:
-        from run import table
-    except ImportError:  # pragma: no cover - run.py is beside this file
-        return json.dumps(rows, indent=1)
-    figures: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        figures.setdefault(r["figure"], []).append(r)
-    parts = []
-    for figure_rows in figures.values():
-        parts += [f"### {figure_rows[0].get('title', figure_rows[0]['figure'])}", ""]
-        parts += [table(figure_rows), ""]
-        parts += [f"> {r['note']}\n" for r in figure_rows if r.get("note")]
-    return "\n".join(parts)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small object, one round")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     rows = run(args.quick)
+    from run import markdown  # (beside this file)
+
     print(json.dumps(rows, indent=1) if args.json else markdown(rows))
 
 

@@ -209,6 +209,26 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.lower()).strip("-")
 
 
+def notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A figure's notes, then what limits it, as markdown quotes (each text once)."""
+    said = dict.fromkeys(str(r["note"]) for r in rows if r.get("note"))
+    limits = dict.fromkeys(str(r["limits"]) for r in rows if r.get("limits"))
+    return [f"> {note}" for note in said] + [
+        f"> **What limits this figure:** {text}" for text in limits
+    ]
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as markdown tables, one per figure, with their notes (a module run alone)."""
+    parts: list[str] = []
+    for figure, figure_rows in _figures(rows, "rows").items():
+        title = figure_rows[0].get("title", figure)
+        parts += [f"### {title}", "", table(figure_rows), ""]
+        for line in notes(figure_rows):
+            parts += [line, ""]
+    return "\n".join(parts)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of ``rows``: name, median, spread, then every other key."""
     units = {r.get("unit") for r in rows if "median" in r}
@@ -416,11 +436,8 @@ def report(
             if plot(figure, title, rows, image):
                 rel = image.relative_to(output.parent).as_posix()
                 body += [f"![{fmt(title)}]({rel})", ""]
-            notes = [str(r["note"]) for r in rows if r.get("note")]
-            for note in dict.fromkeys(notes):
-                body += [f"> {note}", ""]
-            for limits in dict.fromkeys(str(r["limits"]) for r in rows if r.get("limits")):
-                body += [f"> **What limits this figure:** {limits}", ""]
+            for line in notes(rows):
+                body += [line, ""]
         body.append(f"*`{result.name}` took {result.seconds:.0f} s.*")
         body.append("")
     if summary:
