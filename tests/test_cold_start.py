@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -87,3 +90,70 @@ def test_a_flipped_byte_fails_the_cold_start_and_nothing_is_served(
     with pytest.raises(IntegrityError):  # a caller arriving later gets the failure, no model
         handle.get(timeout=1)
     assert handle.state is State.FAILED
+
+
+#: a fresh interpreter, torch not imported: a handle starts a cold load in the background; once
+#: "torch" appears in sys.modules (modelcache began importing it), ``import torch`` waits for
+#: that import to finish, then the handle's state says whether the bytes were still arriving
+IMPORTS_DURING_DOWNLOAD = """
+import json, sys, time
+from modelcache import ModelHandle
+
+url, digest, home = sys.argv[1:4]
+handle = ModelHandle("weights", source=url, sha256=digest, cache=home, strategy="background")
+handle.start()
+deadline = time.monotonic() + 60
+while "torch" not in sys.modules and time.monotonic() < deadline:
+    time.sleep(0.005)
+began = "torch" in sys.modules
+if began:
+    import torch  # returns once the import modelcache began is complete
+status = handle.status()
+print(json.dumps({"began": began, "state": status["state"], "done": status["bytes_done"],
+                  "total": status["bytes_total"]}))
+handle.close()
+"""
+
+#: ``ModelHandle.fetch()`` loads nothing, so it imports nothing the loader needs
+FETCH_ONLY = """
+import json, sys
+from modelcache import ModelHandle
+
+url, digest, home = sys.argv[1:4]
+path = ModelHandle("weights", source=url, sha256=digest, cache=home).fetch()
+print(json.dumps({"torch": "torch" in sys.modules, "size": path.stat().st_size}))
+"""
+
+
+def _child(script: str, *args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_cold_get_imports_the_loaders_modules_while_the_bytes_download(
+    model_server: ModelServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    digest = _weights(path, tensors=4)  # 4 MiB
+    url = model_server.add("model.safetensors", path)
+    model_server.set_rate("model.safetensors", 32 * 1024)  # a minute or more: never done first
+    seen = _child(IMPORTS_DURING_DOWNLOAD, url, digest, str(tmp_path / "home"))
+    assert seen["began"] is True
+    assert seen["state"] == State.FETCHING.value
+    assert seen["total"] in (None, path.stat().st_size)  # None: no answer had come in yet
+    assert isinstance(seen["done"], int)
+    assert seen["done"] < path.stat().st_size
+
+
+def test_fetching_without_loading_imports_nothing_the_loader_needs(
+    model_server: ModelServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    digest = _weights(path, tensors=2)
+    url = model_server.add("model.safetensors", path)
+    seen = _child(FETCH_ONLY, url, digest, str(tmp_path / "home"))
+    assert seen == {"torch": False, "size": path.stat().st_size}

@@ -25,7 +25,10 @@ from modelcache.loaders import (
     _parameters_on_meta,
     build_on_meta,
     default_loader,
+    from_pretrained,
     module_loader,
+    preparation,
+    sentence_transformer,
 )
 from modelcache.testing import ModelServer
 
@@ -483,3 +486,41 @@ def test_a_shard_missing_from_its_index_is_a_load_error(cache: Cache, tmp_path: 
     missing = re.escape("model-00002-of-00002.safetensors, which is missing")
     with pytest.raises(LoadError, match=missing):
         _handle(tmp_path, cache).get()
+
+
+@pytest.mark.parametrize(
+    ("source", "module"),
+    [
+        ("https://models.example.com/model.safetensors", "torch"),
+        ("s3://bucket/checkpoints/model.PT", "torch"),
+        ("file:///srv/models/model.ckpt", "torch"),
+        ("hf://org/repo/model.onnx", "onnxruntime"),
+    ],
+)
+def test_the_default_loaders_imports_are_known_ahead_by_the_sources_suffix(
+    source: str, module: str
+) -> None:
+    prepare = preparation(None, source)
+    assert prepare is not None
+    assert prepare() is sys.modules[module]
+
+
+def test_nothing_is_imported_ahead_for_a_directory_or_a_loader_of_yours() -> None:
+    assert preparation(None, "hf://org/repo") is None  # its files decide, not known yet
+    assert preparation(lambda path: path, "https://models.example.com/model.safetensors") is None
+
+
+def test_the_loaders_of_modelcache_import_their_libraries_ahead() -> None:
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    named = preparation(from_pretrained("transformers.AutoModel"), "hf://org/repo")
+    assert named is not None
+    assert named() is AutoModel
+    assert preparation(from_pretrained(AutoModel), "hf://org/repo") is None  # imported already
+    sentences = preparation(sentence_transformer(), "hf://org/repo")
+    assert sentences is not None
+    assert sentences() is SentenceTransformer
+    module = preparation(module_loader(Net), "https://models.example.com/net.safetensors")
+    assert module is not None
+    assert module() is torch

@@ -32,8 +32,9 @@ import pickle
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "ONNX_SUFFIX",
@@ -48,6 +49,7 @@ __all__ = [
     "load_safetensors",
     "load_torch",
     "module_loader",
+    "preparation",
     "sentence_transformer",
 ]
 
@@ -55,6 +57,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 ONNX_SUFFIX = ".onnx"
 INDEX_SUFFIX = ".safetensors.index.json"
 Loader = Callable[[Path], Any]
+
+
+_PREPARE = "_modelcache_prepare"  # the attribute a loader of this module carries
 
 
 class UnsupportedFormat(ValueError):
@@ -207,6 +212,37 @@ def default_loader(path: Path, device: str = "cpu") -> Any:
     )
 
 
+def preparation(loader: Loader | None, source: str) -> Callable[[], object] | None:
+    """What ``loader`` imports before it can load, as a call to make early; ``None``: unknown.
+
+    A handle makes this call on a thread of its own while a cold ``get()`` downloads, so the
+    import (torch's takes 1-2 s) overlaps the download instead of following it. ``loader=None``
+    is the default loader of ``source``, known by its suffix (torch for safetensors and torch
+    checkpoints, onnxruntime for ``.onnx``); the loaders of this module carry their own (the
+    Hugging Face library a loader names, torch for :func:`module_loader`). A loader of yours
+    imports what your module already imported: nothing to do early.
+    """
+    if loader is not None:
+        prepare: Callable[[], object] | None = getattr(loader, _PREPARE, None)
+        return prepare
+    suffix = PurePosixPath(urlsplit(source).path).suffix.lower()
+    if suffix == ".safetensors" or suffix in TORCH_SUFFIXES:
+        return _import_torch
+    if suffix == ONNX_SUFFIX:
+        return lambda: importlib.import_module("onnxruntime")
+    return None  # a directory: its files decide, and they are not known yet
+
+
+def _import_torch() -> object:
+    return importlib.import_module("torch")
+
+
+def _prepared(load: Loader, prepare: Callable[[], object]) -> Loader:
+    """``load``, carrying the call that imports what it needs (see :func:`preparation`)."""
+    setattr(load, _PREPARE, prepare)
+    return load
+
+
 # -- the Hugging Face libraries ----------------------------------------------------------------
 
 
@@ -261,7 +297,7 @@ def from_pretrained(cls: Any, **kwargs: Any) -> Loader:
     def load(path: Path) -> Any:
         return _resolve(cls).from_pretrained(_directory(path, "from_pretrained"), **options)
 
-    return load
+    return _prepared(load, lambda: _resolve(cls)) if isinstance(cls, str) else load
 
 
 def sentence_transformer(**kwargs: Any) -> Loader:
@@ -277,10 +313,13 @@ def sentence_transformer(**kwargs: Any) -> Loader:
     options = {"local_files_only": True, **kwargs}
 
     def load(path: Path) -> Any:
-        model_class = _resolve("sentence_transformers.SentenceTransformer")
+        model_class = _resolve(_SENTENCE_TRANSFORMER)
         return model_class(_directory(path, "sentence_transformer"), **options)
 
-    return load
+    return _prepared(load, lambda: _resolve(_SENTENCE_TRANSFORMER))
+
+
+_SENTENCE_TRANSFORMER = "sentence_transformers.SentenceTransformer"
 
 
 # -- building on the meta device --------------------------------------------------------------
@@ -410,4 +449,4 @@ def module_loader(
         del state
         return module.eval()
 
-    return load
+    return _prepared(load, _import_torch)

@@ -1,9 +1,13 @@
 """The load pipeline: fetch -> load -> quantize -> warmup, shared by an attempt and ``reload()``.
 
 A cold ``get()`` goes down the layers once (the cache fetches, the loader loads, the quantizer
-quantizes, the warmup runs) and comes back once with a :class:`Loaded`. Every error leaves
-through one boundary, :meth:`LoadRun._step`, which names the model and the source the bytes
-came from (:func:`~modelcache.errors.in_context`): a run raises only modelcache errors.
+quantizes, the warmup runs) and comes back once with a :class:`Loaded`. During a long
+download, a thread of the run imports what the loader will need (:mod:`._imports`), and the
+load waits for it.
+
+Every error leaves through one boundary, :meth:`LoadRun._step`, which names the model and the
+source the bytes came from (:func:`~modelcache.errors.in_context`): a run raises only modelcache
+errors.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from modelcache.cache import Cache, Fetched
 from modelcache.errors import in_context
 
 from . import _holds
+from ._imports import ImportAhead
 from ._status import Timings, empty_timings
 
 __all__ = ["LoadRun", "Loaded", "Options"]
 
 T = TypeVar("T")
+Progress = Callable[[int, "int | None"], None]
 
 
 class Options(Protocol):
@@ -73,7 +79,7 @@ class LoadRun:
         storage_options: Mapping[str, Any] | None,
         *,
         refresh: bool = False,
-        progress: Callable[[int, int | None], None] | None = None,
+        progress: Progress | None = None,
         cancel: threading.Event | None = None,
     ) -> None:
         self._options = options
@@ -86,22 +92,25 @@ class LoadRun:
         self._source = self._sources[0]  # what errors name: the serving mirror once fetched
         self._cache: Cache | None = None
         self._held: Fetched | None = None
+        self._imports: ImportAhead | None = None
         self.timings: Timings = empty_timings()
 
     def fetch(self, *, hold: bool = True) -> Fetched:
         """Make sure the file(s) are in the cache (the handle's one call into the cache).
 
         ``hold=False``: the file is not counted as served by a handle (``ModelHandle.fetch``
-        hands the path to its caller, and the cache's lease stays, as with ``Cache.fetch``).
+        hands the path to its caller, and the cache's lease stays, as with ``Cache.fetch``); it is
+        not loaded, so the loader's imports are not started either.
         """
         started = time.monotonic()
+        progress = self._import_ahead(self._progress) if hold else self._progress
         with self._step("fetch"):
             self._cache = self._options.cache
             fetched = self._cache.fetch_details(
                 [s.url for s in self._sources],
                 self._sha256,
                 self._storage_options,
-                progress=self._progress,
+                progress=progress,
                 model=self._options.name,
                 cancel=self._cancel,
                 refresh=self._refresh,
@@ -123,10 +132,30 @@ class LoadRun:
             assert self._cache is not None
             _holds.let_go(self._cache, fetched.path, fetched.key)
 
+    def _import_ahead(self, progress: Progress | None) -> Progress | None:
+        """``progress``, also telling :class:`ImportAhead` how the download goes (when the
+        loader's imports are known: :func:`~modelcache.loaders.preparation`)."""
+        from modelcache.loaders import preparation
+
+        prepare = preparation(self._options.loader, self._sources[0].url)
+        if prepare is None:
+            return progress
+        imports = self._imports = ImportAhead(prepare, self._options.name)
+        if progress is None:
+            return imports.progress
+
+        def both(done: int, total: int | None) -> None:
+            imports.progress(done, total)
+            progress(done, total)
+
+        return both
+
     def load(self, fetched: Fetched) -> Loaded:
         """Load the fetched file, quantize the model if asked, and warm it up."""
         from modelcache import _prefault
 
+        if self._imports is not None:
+            self._imports.wait()  # one thread imports at a time: the loader's imports are done
         quantization: dict[str, Any] | None = None
         with self._step("quantization"):
             method = self._options.quantize  # an invalid $MODELCACHE_QUANTIZE raises here
