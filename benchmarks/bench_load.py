@@ -188,9 +188,10 @@ def rows_for(
     medians = {name: summarize([v["s"] for v in vals]).median for name, vals in results.items()}
     peers = [name for name in medians if name != ours]
     fastest = min(peers, key=lambda n: medians[n])
-    paired = summarize(
+    per_round = summarize(
         [a["s"] / b["s"] for a, b in zip(results[ours], results[fastest], strict=True)]
-    ).median
+    )
+    paired = per_round.median
     which = "cold (pages evicted before each run)" if cold else "warm (pages cached)"
     title = f"Loading {size // MiB} MiB of safetensors, {which}"
     figure = "load-cold" if cold else "load-warm"
@@ -205,6 +206,8 @@ def rows_for(
         }
         if name == ours:
             extra["vs fastest, per round"] = paired
+            # the spread says how far one run's verdict can be trusted on this machine
+            extra["per round, min to max"] = f"{per_round.low:.2f} to {per_round.high:.2f}"
             extra["goal"] = (
                 f"<= {GOAL_VS_FASTEST}x the fastest peer ({fastest}), {which.split()[0]} "
                 f"(issue 16); anonymous memory <= {GOAL_ANON}x the file"
