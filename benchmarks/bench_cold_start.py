@@ -104,8 +104,9 @@ LIMITS = {
     "cold-start-phases": "the download: the hash runs as the bytes arrive, so the digest is "
     "checked as the last byte is written; publishing the entry takes under a millisecond, and "
     "the loader maps pages the download has just put in the page cache, in tens of "
-    "milliseconds. When the handle imports torch itself, that import's CPU (about a core for "
-    "1-2 s) competes with the download's on 2 cores shared with nginx.",
+    "milliseconds. When the handle imports torch itself, it does so during a download with 3 s "
+    "or more to go, which slows while the import holds the GIL (2 Gbit/s), and after a "
+    "shorter one, in the loader's phase (8 Gbit/s).",
 }
 OURS = "ModelHandle get() to READY"
 #: the same cold start in a process that has not imported torch: the handle imports it during

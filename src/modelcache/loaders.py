@@ -215,8 +215,9 @@ def default_loader(path: Path, device: str = "cpu") -> Any:
 def preparation(loader: Loader | None, source: str) -> Callable[[], object] | None:
     """What ``loader`` imports before it can load, as a call to make early; ``None``: unknown.
 
-    A handle makes this call on a thread of its own while a cold ``get()`` downloads, so the
-    import (torch's takes 1-2 s) overlaps the download instead of following it. ``loader=None``
+    A handle makes this call on a thread of its own while a cold ``get()`` downloads (when the
+    download has 3 s or more to go), so the import (torch's takes 1-2 s) overlaps the download
+    instead of following it. ``loader=None``
     is the default loader of ``source``, known by its suffix (torch for safetensors and torch
     checkpoints, onnxruntime for ``.onnx``); the loaders of this module carry their own (the
     Hugging Face library a loader names, torch for :func:`module_loader`). A loader of yours
