@@ -531,13 +531,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         "speed below, ~0.85 s per GiB in one thread that cannot be split), nginx, tbf and the "
         "veth's softirq take ~0.3 s per GiB more, which adds up to about 2 core-seconds per "
         "GiB: all of this machine at 954 MiB/s, with nothing else running. See where the time "
-        "goes below: the hashing thread is busy most of the fetch. This VM also gives memory "
-        "freed by the run before back to its host after about 2 s (virtio-balloon free page "
-        "reporting): a fetch that starts later writes its page cache into pages that each cost "
-        "a fault in the hypervisor. modelcache, short of CPU at 8 Gbit/s, then slows (1 GiB "
-        "after a 3 s pause: 729-850 MiB/s at 1.74-2.19 CPU s/GiB, against 912-917 MiB/s at "
-        "1.44-1.53 back to back, same engine and decisions); curl, with CPU to spare, does not. "
-        "The rounds alternate, so the order of the contenders sets each one's pause."
+        "goes below: the hashing thread is busy most of the fetch."
     )
     rows.append(ceiling)
     return with_limits(rows, LIMITS)
