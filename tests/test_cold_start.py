@@ -138,9 +138,10 @@ def test_a_cold_get_imports_the_loaders_modules_while_the_bytes_download(
     model_server: ModelServer, tmp_path: Path
 ) -> None:
     path = tmp_path / "model.safetensors"
-    digest = _weights(path, tensors=4)  # 4 MiB
+    digest = _weights(path, tensors=64)  # 64 MiB
     url = model_server.add("model.safetensors", path)
-    model_server.set_rate("model.safetensors", 32 * 1024)  # a minute or more: never done first
+    # 256 KiB/s a connection: ~16 s even over 16 connections, far longer than importing torch
+    model_server.set_rate("model.safetensors", 256 * 1024)
     seen = _child(IMPORTS_DURING_DOWNLOAD, url, digest, str(tmp_path / "home"))
     assert seen["began"] is True
     assert seen["state"] == State.FETCHING.value

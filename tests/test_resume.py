@@ -372,3 +372,41 @@ def test_the_documented_range_map_is_the_real_one(
     assert set(documented) == set(real)
     assert real["done"] == [[0, len(data)]]
     assert (real["size"], real["format"]) == (len(data), documented["format"])
+
+
+#: a process whose main returns while its background handle downloads (no close())
+ENDS_MID_DOWNLOAD = """
+import sys, time
+from modelcache import ModelHandle
+
+url, digest, home = sys.argv[1:4]
+handle = ModelHandle("weights", source=url, sha256=digest, cache=home, strategy="background")
+handle.start()
+while handle.status()["bytes_done"] < 1024 * 1024:
+    time.sleep(0.01)
+time.sleep(0.5)  # (the range map is saved every 0.25 s)
+print(handle.status()["bytes_done"], flush=True)
+"""
+
+
+def test_a_process_that_ends_mid_download_ends_now_and_the_next_resumes(
+    model_server: ModelServer, tmp_path: Path
+) -> None:
+    payload = make_payload(128 * MiB)
+    url = model_server.add("big.bin", payload)
+    model_server.set_rate("big.bin", 128 * 1024)  # a minute or more, even over 16 connections
+    home = tmp_path / "home"
+    ended = subprocess.run(
+        [sys.executable, "-c", ENDS_MID_DOWNLOAD, url, sha(payload), str(home)],
+        capture_output=True,
+        text=True,
+        timeout=40,  # the interpreter used to wait for the download to finish
+    )
+    assert ended.returncode == 0, ended.stderr
+    assert int(ended.stdout) < len(payload)
+    model_server.set_rate("big.bin", None)
+    model_server.reset_counts()
+    path = Cache(home).fetch(url, sha(payload))
+    assert path.read_bytes() == payload
+    _, sent = model_server.count("big.bin")
+    assert sent <= len(payload) - 1024 * 1024  # what the first process got was kept

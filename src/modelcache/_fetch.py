@@ -10,7 +10,6 @@ origin is the engine's :class:`FatalError`, prefixed with the file's path in a d
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -97,30 +96,55 @@ class _Job:
                 raise
         results: dict[int, FetchedFile] = {}
         errors: list[BaseException] = []
-        with concurrent.futures.ThreadPoolExecutor(
-            self.at_once, thread_name_prefix="modelcache-file"
-        ) as pool:
-            futures = {pool.submit(self._one, i): i for i in range(len(self.plan.files))}
-            pending = set(futures)
+        changed = threading.Condition()  # a thread ended
+        indexes = iter(range(len(self.plan.files)))
+        running = self.at_once  # threads not ended yet
+
+        def work() -> None:
+            nonlocal running
             try:
-                while pending:
-                    finished, pending = concurrent.futures.wait(
-                        pending, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION
-                    )
+                while not self.stop.is_set():
+                    with changed:
+                        index = next(indexes, None)
+                    if index is None:
+                        return
+                    try:
+                        fetched = self._one(index)
+                    except BaseException as error:
+                        with changed:
+                            errors.append(error)
+                        self.stop.set()  # one file failed: the others stop (parts stay)
+                        return
+                    with changed:
+                        results[index] = fetched
+            finally:
+                with changed:
+                    running -= 1
+                    changed.notify()
+
+        # daemon threads, not a ThreadPoolExecutor (whose threads the interpreter joins at
+        # exit): a process that ends while a background handle downloads ends now, its parts
+        # kept for the next run, rather than when the download is done
+        threads = [
+            threading.Thread(target=work, name=f"modelcache-file_{n}", daemon=True)
+            for n in range(self.at_once)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            with changed:
+                while running:
+                    changed.wait(0.2)
                     if self.user_cancel is not None and self.user_cancel.is_set():
                         self.stop.set()
-                    for future in finished:
-                        error = future.exception()
-                        if error is None:
-                            results[futures[future]] = future.result()
-                        else:
-                            errors.append(error)
-                            self.stop.set()  # one file failed: the others stop (parts stay)
-            except BaseException:
-                # Ctrl-C in this thread: the downloads stop now (their parts stay), rather than
-                # run to their end while the pool waits for them
-                self.stop.set()
-                raise
+        except BaseException:
+            # Ctrl-C in this thread: the downloads stop now (their parts stay), rather than
+            # run to their end
+            self.stop.set()
+            raise
+        finally:
+            for thread in threads:
+                thread.join()
         if errors:  # the first real failure, not the cancellations it caused
             raise next((e for e in errors if not _is_cancel(e)), errors[0])
         if len(results) < len(self.plan.files):
