@@ -101,6 +101,8 @@ shutil.rmtree(home, ignore_errors=True)
 )
 
 LIMITS = {
+    "cold-start": "the link (tbf) and, at 8 Gbit/s, the client's CPU (SHA-256 and copies on 2 "
+    "cores shared with nginx).",
     "cold-start-phases": "the download: the hash runs as the bytes arrive, so the digest is "
     "checked as the last byte is written; publishing the entry takes under a millisecond, and "
     "the loader maps pages the download has just put in the page cache, in tens of "
@@ -217,8 +219,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         "before torch is imported, as in a service that leaves that import to its loader. "
         "The origin's file is in the page cache; the "
         "client's pages are its own writes. Ratios are per round against the same round's "
-        "fetch. What limits this figure: the link (tbf) and, at 8 Gbit/s, the client's CPU "
-        "(SHA-256 and copies on 2 cores shared with nginx)."
+        "fetch."
     )
     return with_limits(rows, LIMITS)
 

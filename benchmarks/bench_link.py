@@ -63,6 +63,13 @@ LINKS_GBIT = (2, 8)
 CAP = 20 * MiB  # bytes/s per connection when capped
 GOAL_OF_LINK = 0.95
 LIMITS = {
+    "link-rate": "at 2 Gbit/s the link itself, whose TCP payload is 0.956x of the tbf rate "
+    "(curl's figure). At 8 Gbit/s the 2 cores: a verifying client needs what curl -o FILE "
+    "spends (receive and page-cache write) plus SHA-256 (1 / its speed below, ~0.85 s per GiB "
+    "in one thread that cannot be split), nginx, tbf and the veth's softirq take ~0.3 s per "
+    "GiB more, which adds up to about 2 core-seconds per GiB: all of this machine at 954 MiB/s, "
+    "with nothing else running. See where the time goes below: the hashing thread is busy most "
+    "of the fetch.",
     "link-capped": (
         "the link, and how TCP flows share it when nginx paces "
         "each one. One connection gets 20 MiB/s, so the file goes as parallel ranges, as "
@@ -525,13 +532,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         "'of the link' is the median speed over the tbf rate (1 Gbit/s = 119.2 MiB/s); "
         "'client CPU s/GiB' is the CPU seconds of the client process, its threads and children "
         "per GiB (nginx's work is not in it). The origin and the client share this machine's 2 "
-        "cores. What limits these figures: at 2 Gbit/s the link itself, whose TCP payload is "
-        "0.956x of the tbf rate (curl's figure). At 8 Gbit/s the 2 cores: a verifying client "
-        "needs what curl -o FILE spends (receive and page-cache write) plus SHA-256 (1 / its "
-        "speed below, ~0.85 s per GiB in one thread that cannot be split), nginx, tbf and the "
-        "veth's softirq take ~0.3 s per GiB more, which adds up to about 2 core-seconds per "
-        "GiB: all of this machine at 954 MiB/s, with nothing else running. See where the time "
-        "goes below: the hashing thread is busy most of the fetch."
+        "cores."
     )
     rows.append(ceiling)
     return with_limits(rows, LIMITS)

@@ -42,12 +42,22 @@ from common import (  # noqa: E402
     ratio,
     row,
     summarize,
+    with_limits,
 )
 
 FULL = {"size": 1024 * MiB, "tensors": 128, "rounds": 9}  # (5 left the verdict to chance)
 QUICK = {"size": 32 * MiB, "tensors": 16, "rounds": 1}
 GOAL_VS_FASTEST = 1.0
 GOAL_ANON = 0.1  # of the file's size
+LIMITS = {
+    "load-cold": "the disk (reading the 1 GiB file with plain 8 MiB preads took 0.7-1.1 s here, "
+    "one to eight threads), and noise between runs of +-0.2 s on this shared 2-core VM, so read "
+    "the per-round ratio over several rounds; this VM reports freed memory to its host "
+    "(virtio-balloon free page reporting), which likely makes the first touch of pages dearer "
+    "for a contender running right after one that freed 1 GiB of buffers: the order rotates "
+    "each round.",
+    "load-warm": "the CPU.",
+}
 
 # The child: imports, then the clock; load; touch one byte of every page; report.
 PRELUDE = """
@@ -220,12 +230,6 @@ def rows_for(
         "4 KiB page read (the same pass for each). 'anon MiB held' is RssAnon after minus "
         "before: a loader that reads into buffers of its own holds the file in anonymous "
         "memory; a mapping holds none. "
-        + "What limits this figure: cold, the disk (reading the 1 GiB file with plain 8 MiB "
-        "preads took 0.7-1.1 s here, one to eight threads), and noise between runs of +-0.2 s "
-        "on this shared 2-core VM, so read the per-round ratio over several rounds; this VM "
-        "reports freed memory to its host (virtio-balloon free page reporting), which likely "
-        "makes the first touch of pages dearer for a contender running right after one that "
-        "freed 1 GiB of buffers: the order rotates each round. Warm, the CPU. "
         + (f"Not installed here, so not measured: {', '.join(missing)}. " if missing else "")
         + ("" if len(checks) == 1 else "The contenders' checksums differ! ")
     )
@@ -256,7 +260,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         for cold in (True, False):
             results = measure(files, argv, env, plan["rounds"], cold)
             rows += rows_for(results, plan["size"], cold)
-    return rows
+    return with_limits(rows, LIMITS)
 
 
 if __name__ == "__main__":
