@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 ProxyOf = Callable[["Registry"], "FaultProxy"]
 """``proxy_of(registry)``: the :func:`proxy_of` fixture's factory."""
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 #: the bin directory of the interpreter running the tests (the venv's): its ``python`` and

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     FAST,
+    KiB,
     MiB,
     asked_ranges,
     code_blocks,
@@ -121,6 +122,21 @@ def test_progress_callback_reports_bytes_done_and_total(
     assert seen[-1] == (len(data), len(data))
     dones = [done for done, _ in seen]
     assert dones == sorted(dones)
+
+
+def test_progress_of_a_slow_download_moves_every_fraction_of_a_second(
+    cache: Cache, model_server: ModelServer
+) -> None:
+    """At 64 KiB/s one 256 KiB buffer would take 4 s to fill: the reads return sooner."""
+    data = make_payload(192 * KiB)
+    url = model_server.add("slow.bin", data)
+    model_server.set_rate("slow.bin", 64 * KiB)
+    began = time.monotonic()
+    times: list[float] = []
+    cache.fetch(url, sha(data), progress=lambda done, total: times.append(time.monotonic()))
+    assert times[-1] - began > 2  # the rate held
+    gaps = [later - earlier for earlier, later in zip([began, *times], times, strict=False)]
+    assert max(gaps) < 1.0, gaps
 
 
 def test_local_paths_are_used_in_place(cache: Cache, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_payload, wait_for
+from conftest import KiB, MiB, make_payload, wait_for
 
 from modelcache import (
     Cache,
@@ -34,9 +34,6 @@ from modelcache import (
 )
 from modelcache.handle import HandleStatus, ReloadStatus, Timings
 from modelcache.testing import ModelServer
-
-KiB = 1 << 10
-MiB = 1 << 20
 
 
 class CountingLoader:

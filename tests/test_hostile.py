@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, make_payload, sha
+from conftest import FAST, KiB, make_payload, sha
 from servers.hostile import HostileServer, Request, ranged
 from servers.hub import HubStandIn
 from servers.registry import Registry
@@ -26,7 +26,6 @@ from modelcache.testing import ModelServer
 
 pytest_plugins = ["servers.fixtures"]
 
-KiB = 1 << 10
 
 #: one attempt after a failure, quickly: the faults here are not healed by retrying
 IMPATIENT = dataclasses.replace(FAST, retries=1, deadline=3.0, stall_timeout=1.0)

@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST, make_payload, wait_for
+from conftest import FAST, KiB, MiB, make_payload, wait_for
 
 from modelcache import Cache, LoadError, ModelHandle, Registry, SourceError, State
 from modelcache.testing import ModelServer
-
-KiB = 1 << 10
-MiB = 1 << 20
 
 
 def read_bytes(path: Path) -> bytes:
