@@ -339,13 +339,15 @@ class _ReadSizes:
     ``http.client`` reads through a buffered reader that returns only once the whole buffer is
     filled or the body ended: one 256 KiB read at 32 KiB/s would block for 8 s, and the
     progress, the hand-over of a partly filled buffer and a cancel would wait as long. Reads
-    start at 16 KiB, double while they are quick, and shrink to what the stream delivers in
-    about 50 ms when they are slow; a fast stream reaches its whole buffer after a few reads.
+    start at 16 KiB and double while they take less than half of :attr:`SECONDS`, so a stream
+    faster than 2 MiB/s reads whole buffers after a few reads; one that took more than twice
+    that shrinks to what the stream delivers in :attr:`SECONDS` (a moment short of CPU does
+    not shrink a fast stream's reads for long: they double back).
     """
 
     FIRST = 16 * 1024
     LEAST = 8 * 1024  # the buffered reader's own buffer: smaller reads gain nothing
-    SECONDS = 0.05  # how long one read should take at most
+    SECONDS = 0.25  # how long one read should take at most (the stream's hand-over time)
 
     def __init__(self) -> None:
         self._size = self.FIRST

@@ -17,7 +17,8 @@ class TransferOptions:
         connections: concurrent ranged requests per file at most (1 = a single stream); a
             parallel download starts with 8 and doubles them while the total rate rises.
         chunk_size: bytes asked for by each ranged request.
-        piece_size: bytes read from the network at a time.
+        piece_size: bytes read from the network at a time, at most (a slow HTTP stream reads
+            less at a time, so that its progress moves every half second at most).
         split_below: bytes per second; a download's first request (its first 16 MiB) is
             timed over its first 512 KiB: slower than this, the rest is fetched as parallel
             ranged requests while it is read on (as one stream after all when they prove no
