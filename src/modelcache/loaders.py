@@ -217,11 +217,11 @@ def preparation(loader: Loader | None, source: str) -> Callable[[], object] | No
 
     A handle makes this call on a thread of its own while a cold ``get()`` downloads (when the
     download has 3 s or more to go), so the import (torch's takes 1-2 s) overlaps the download
-    instead of following it. ``loader=None``
-    is the default loader of ``source``, known by its suffix (torch for safetensors and torch
-    checkpoints, onnxruntime for ``.onnx``); the loaders of this module carry their own (the
-    Hugging Face library a loader names, torch for :func:`module_loader`). A loader of yours
-    imports what your module already imported: nothing to do early.
+    instead of following it. ``loader=None`` is the default loader of ``source``, known by its
+    suffix (torch for safetensors and torch checkpoints, onnxruntime for ``.onnx``); the
+    loaders of this module carry their own (the Hugging Face library a loader names, torch for
+    :func:`module_loader`). A loader of yours imports what your module already imported:
+    nothing to do early.
     """
     if loader is not None:
         prepare: Callable[[], object] | None = getattr(loader, _PREPARE, None)
